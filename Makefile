@@ -1,0 +1,96 @@
+# Developer entry points. The README's two set-up commands are `make demo` and `make test`;
+# .ci/run calls `make test`. Everything is installed into $(VENV); nothing needs sudo.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+# llama-cpp-python builds libllama from source the first time (~15 min on 2 cores); pip caches the
+# wheel afterwards, so keep pip's cache on. Override CMAKE_ARGS for e.g. -DGGML_CUDA=on.
+CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+PIP_INSTALL := CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(CMAKE_BUILD_PARALLEL_LEVEL) $(PIP) install
+
+# Debian packages the tests need beyond what the Python wheels bundle (soundfile's wheel ships
+# libsndfile). Space-separated; only the missing ones are installed.
+SYSDEPS ?=
+
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv sysdeps install-dev install-demo test test-slow lint format demo bench clean distclean
+
+help:
+	@echo "make demo       install the runtime + exporter and run the demo (examples/demo.py)"
+	@echo "make test       install everything for development, run ruff and the fast tests"
+	@echo "make test-slow  run only the tests marked slow"
+	@echo "make lint       ruff check;  make format: ruff format + import sorting"
+	@echo "make bench      run the benchmarks (bench/)"
+	@echo "make clean      remove build artefacts and caches (distclean also removes $(VENV))"
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || \
+	  { echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'); 3.10 or newer is needed (make PYTHON=python3.11 ...)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+venv: $(PY)
+
+sysdeps:
+	@missing=""; \
+	for pkg in $(SYSDEPS); do \
+	  dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "sysdeps: nothing to install"; exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "error: missing Debian packages:$$missing; run as root: apt-get install$$missing" >&2; exit 1; \
+	fi; \
+	command -v apt-get >/dev/null || { echo "error: missing packages:$$missing and no apt-get" >&2; exit 1; }; \
+	echo "sysdeps: installing$$missing"; \
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY) sysdeps
+	$(PIP_INSTALL) -e '.[dev]'
+	@touch $@
+
+$(VENV)/.installed-demo: pyproject.toml | $(PY) sysdeps
+	$(PIP_INSTALL) -e '.[cpu,export]'
+	@touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+install-demo: $(VENV)/.installed-demo
+
+# pytest exits 5 when no test ran: that is a failure here, not a pass.
+test: sysdeps install-dev
+	$(VENV)/bin/ruff check .
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$rc
+
+test-slow: sysdeps install-dev
+	@$(PY) -m pytest -q -m slow $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no test is marked slow (pytest exit 5)" >&2; fi; \
+	exit $$rc
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+format: install-dev
+	$(VENV)/bin/ruff check --select I --fix .
+	$(VENV)/bin/ruff format .
+
+demo: install-demo
+	$(PY) -m examples.demo
+
+bench: install-dev
+	$(PY) -m bench
+
+clean:
+	rm -rf build dist .pytest_cache .ruff_cache .hypothesis native_bridge/_build native_bridge/build
+	find . -path ./$(VENV) -prune -o -name '*.egg-info' -prune -exec rm -rf {} + -o \
+	  -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

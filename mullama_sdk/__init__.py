@@ -1,0 +1,54 @@
+"""mullama-sdk: run MU-LLaMA (MERT audio encoder + adapter + LLaMA) with ONNX Runtime and llama.cpp.
+
+Importing the package is cheap: it loads no backend (and never torch). The entry class is imported
+on first use, so ``from mullama_sdk import Captioner`` pulls in ONNX Runtime and llama.cpp only then.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    AudioError,
+    BackendUnavailableError,
+    BundleError,
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    MullamaError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AudioError",
+    "BackendUnavailableError",
+    "BundleError",
+    "CheckpointError",
+    "ConfigError",
+    "ContextLengthError",
+    "MullamaError",
+    "__version__",
+]
+
+# Public names served lazily (PEP 562): name -> module that defines it. Add "Captioner" to
+# __all__ once mullama_sdk/captioner.py exists (a star import would fail before that).
+_LAZY = {"Captioner": "mullama_sdk.captioner"}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'mullama_sdk' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:  # a dependency is missing: that error is the useful one
+            raise
+        raise AttributeError(
+            f"mullama_sdk.{name} is not available: {module_name} does not exist yet"
+        ) from exc
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
