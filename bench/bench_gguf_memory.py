@@ -1,0 +1,171 @@
+"""Peak memory of the streamed GGUF export on a LLaMA-2-7B-shaped checkpoint (real widths, few layers).
+
+Launch:  .venv/bin/python bench/bench_gguf_memory.py [--n-layers 2 --type f16 --workdir /tmp --keep]
+
+Builds a real-width Meta LLaMA folder (4096 wide, FFN 11008, vocab 32000, bf16 shard; n layers) with
+``tests.assets.make_assets``, adds MU-LLaMA-shaped deltas in memory (rank-16 LoRA on all 7 projections,
+biases on wq/wo/w1/w2/w3, last 20 layers injected), and converts it twice, each in a fresh child process:
+with and without handing the read source pages back to the kernel. A sampler thread reads
+``/proc/self/status`` every 2 ms. Target: peak RSS above the baseline < largest single tensor + 3 GB.
+The generated files are deleted at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GB = 1e9
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+class _Sampler(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = _status()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            s = _status()
+            self.peak = {k: max(v, self.peak.get(k, 0)) for k, v in s.items()}
+            self._halt.wait(0.002)
+
+    def stop(self) -> dict[str, int]:
+        self._halt.set()
+        self.join()
+        return self.peak
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One conversion; prints one JSON line."""
+    import torch
+
+    from export.gguf_export import GgufSource, write_llama_gguf
+    from training.config import LlamaParams
+    from training.loading import torch_load
+    from training.tokenizer import Tokenizer
+
+    llama_dir = args.assets / "llama"
+    tok = Tokenizer(llama_dir / "tokenizer.model")
+    params = LlamaParams.from_params_json(llama_dir / "params.json", vocab_size=tok.n_vocab)
+    base = dict(torch_load(llama_dir / "consolidated.00.pth"))  # memory-mapped, nothing read yet
+
+    gen = torch.Generator().manual_seed(0)
+    deltas: dict[str, torch.Tensor] = {}
+    rank, d, ff = 16, params.dim, params.hidden_dim
+    shapes = {"attention.wq": (d, d), "attention.wk": (d, d), "attention.wv": (d, d), "attention.wo": (d, d),
+              "feed_forward.w1": (ff, d), "feed_forward.w2": (d, ff), "feed_forward.w3": (ff, d)}
+    for i in range(params.n_layers):
+        for mod, (n_out, n_in) in shapes.items():
+            prefix, w = mod.rsplit(".", 1)
+            deltas[f"layers.{i}.{prefix}.lora_{w}_l1.weight"] = torch.randn(rank, n_in, generator=gen) * 0.01
+            deltas[f"layers.{i}.{prefix}.lora_{w}_l2.weight"] = torch.randn(n_out, rank, generator=gen) * 0.01
+            if w not in ("wk", "wv"):
+                deltas[f"layers.{i}.{mod}.bias"] = torch.randn(n_out, generator=gen) * 0.01
+        deltas[f"layers.{i}.attention.gate"] = torch.zeros(1, params.n_heads, 1, 1)
+    n_inject = min(20, params.n_layers)
+    src = GgufSource(params=params, tensors={**base, **deltas}, tokenizer_path=tok.path,
+                     inject_layers=tuple(range(params.n_layers - n_inject, params.n_layers)))
+
+    base_status = _status()
+    sampler = _Sampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    report = write_llama_gguf(src, args.out, file_type=args.type, release_source_pages=not args.no_release)
+    seconds = time.perf_counter() - t0
+    peak = sampler.stop()
+    largest_src = max(t.numel() * t.element_size() for t in base.values())
+    print(json.dumps({
+        "release_pages": not args.no_release,
+        "baseline_rss": base_status["VmRSS"],
+        "peak_rss_delta": peak["VmRSS"] - base_status["VmRSS"],
+        "peak_anon_delta": peak["RssAnon"] - base_status["RssAnon"],
+        "peak_file_delta": peak["RssFile"] - base_status["RssFile"],
+        "hwm_delta": peak["VmHWM"] - base_status["VmHWM"],
+        "report_rss_delta": report.peak_rss_delta_bytes,
+        "largest_f32": report.largest_tensor_bytes,
+        "largest_src": largest_src,
+        "source_bytes": sum(t.numel() * t.element_size() for t in base.values()),
+        "out_bytes": report.n_bytes,
+        "n_tensors": report.n_tensors,
+        "seconds": seconds,
+    }))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-layers", type=int, default=2)
+    ap.add_argument("--type", choices=("f16", "f32"), default="f16")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--assets", type=Path, help="reuse a real-width asset folder (has llama/)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--no-release", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gguf-", dir=args.workdir))
+    try:
+        assets = args.assets
+        if assets is None:
+            assets = work / "assets"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "tests.assets.make_assets", str(assets), "--shapes",
+                            "--n-layers", str(args.n_layers), "--llama-only"], cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL)
+            print(f"built {args.n_layers}-layer real-width LLaMA in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows = []
+        for no_release in (False, True):
+            out = work / f"model-{args.type}.gguf"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--assets", str(assets),
+                   "--out", str(out), "--type", args.type] + (["--no-release"] if no_release else [])
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if res.returncode:
+                sys.exit(f"conversion child failed ({res.returncode}):\n{res.stderr[-3000:]}")
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            out.unlink(missing_ok=True)
+        r0 = rows[0]
+        print(f"\nsource shard {r0['source_bytes'] / GB:.2f} GB (bf16), output {r0['out_bytes'] / GB:.2f} GB "
+              f"({args.type}), {r0['n_tensors']} tensors; largest tensor {r0['largest_src'] / GB:.3f} GB as "
+              f"stored, {r0['largest_f32'] / GB:.3f} GB as float32")
+        print(f"{'release pages':>14} | {'time s':>6} | {'GB/s out':>8} | {'peak RSS+':>9} | {'anon+':>6} | "
+              f"{'file+':>6} | {'HWM+':>6} | {'RSS+ - largest f32':>18} | target (< 3 GB)")
+        for r in rows:
+            margin = r["peak_rss_delta"] - r["largest_f32"]
+            print(f"{str(r['release_pages']):>14} | {r['seconds']:6.1f} | {r['out_bytes'] / GB / r['seconds']:8.2f} | "
+                  f"{r['peak_rss_delta'] / GB:8.2f}G | {r['peak_anon_delta'] / GB:5.2f}G | "
+                  f"{r['peak_file_delta'] / GB:5.2f}G | {r['hwm_delta'] / GB:5.2f}G | {margin / GB:17.2f}G | "
+                  f"{'OK' if margin < 3 * GB else 'MISSED'}")
+        print(f"(baseline RSS {r0['baseline_rss'] / GB:.2f} GB after imports and mmap; '+' = above baseline)")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
