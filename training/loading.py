@@ -310,6 +310,36 @@ def build_model(src: ModelSources, *, dtype: torch.dtype = torch.float32) -> Mul
     return model.eval()
 
 
+def build_music_model(src: ModelSources) -> MullamaModel:
+    """The music half only: MERT, adapter, prefix queries and the injected layers' attention weights.
+
+    Everything else in LLaMA stays on the ``meta`` device (no memory). Enough for
+    :meth:`MullamaModel.music_query` and :meth:`MullamaModel.injection_vectors` at 7B size, which is
+    what the ONNX export needs; running the LLM needs :func:`build_model`.
+    """
+    with torch.device("meta"):
+        model = MullamaModel(src.config)
+    model.mert = MertEncoder(model.mert.hubert.config, do_normalize=src.config.mert_do_normalize)
+    model.mert.load_weights(src.mert)
+    load_strict(model.adapter, src.adapter, what="music adapter", assign=True)
+    load_strict(model.prefix_query, {"weight": src.prefix_query}, what="prefix query", assign=True)
+    model.adapter.float()
+    model.prefix_query.float()
+    for layer in model.inject_layers:
+        attn = model.llama.layers[layer].attention
+        prefix = f"layers.{layer}.attention."
+        own = {k: v for k, v in attn.state_dict().items() if "wq" not in k}
+        sd = {}
+        for k in own:
+            if prefix + k not in src.llama:
+                raise CheckpointError(f"no weights for LLaMA {prefix + k} (needed by the music injection)")
+            sd[k] = src.llama[prefix + k].float()
+        attn.load_state_dict(sd, strict=False, assign=True)
+        attn.float()
+    model.tokenizer = src.tokenizer
+    return model.eval()
+
+
 def _query_len(ckpt: Checkpoint) -> int:
     if ckpt.config is not None:
         return int(ckpt.config.get("injection", {}).get("query_len", 1))

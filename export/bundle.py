@@ -1,0 +1,269 @@
+"""``mullama-export bundle``: one folder with everything the runtime loads, checked and described.
+
+The folder is assembled under a temporary name beside the target and renamed at the very end, so an
+interrupted or failed export never leaves a half bundle at ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mullama_sdk import __version__
+from mullama_sdk.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    ENCODER_PRECISIONS,
+    LLM_QUANTS,
+    MANIFEST_NAME,
+    parse_manifest,
+    sha256_of,
+)
+from mullama_sdk.constants import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_WINDOW_SECONDS,
+    MIN_WINDOW_SECONDS,
+    SAMPLE_RATE_HZ,
+)
+from mullama_sdk.errors import BundleError, ConfigError
+from mullama_sdk.prompt import DEFAULT_QUESTION, PROMPT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+#: Models up to this many LLaMA parameters get their GGUFs checked against the torch reference
+#: during the export (the reference must fit in memory in float32 next to llama.cpp).
+AUTO_VERIFY_LLM_MAX_PARAMS = 1_500_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleOptions:
+    """What goes into a bundle.
+
+    Attributes:
+        quants: GGUF types to ship (``f32``, ``f16``, ``q8_0``, ``q4_k_m``); the first is the default.
+        encoder_precisions: ONNX variants to ship (``fp32``, ``fp16``, ``int8``).
+        default_encoder_precision: Default for the runtime; ``int8`` when shipped (CPU), else the first.
+        verify_llm: Check the GGUFs against the torch reference during the export; ``None`` = only for
+            models small enough (see :data:`AUTO_VERIFY_LLM_MAX_PARAMS`).
+        n_ctx_train: Context length written into the GGUF.
+        overwrite: Replace an existing bundle at ``out``.
+        strict: Fail the export when a verification row fails (otherwise it is recorded and logged).
+    """
+
+    quants: tuple[str, ...] = ("q4_k_m",)
+    encoder_precisions: tuple[str, ...] = ("fp32", "int8")
+    default_encoder_precision: str | None = None
+    verify_llm: bool | None = None
+    n_ctx_train: int = 4096
+    overwrite: bool = False
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        for q in self.quants:
+            if q not in LLM_QUANTS:
+                raise ConfigError(f"unknown quant {q!r}; valid: {', '.join(LLM_QUANTS)}")
+        for p in self.encoder_precisions:
+            if p not in ENCODER_PRECISIONS:
+                raise ConfigError(f"unknown encoder precision {p!r}; valid: {', '.join(ENCODER_PRECISIONS)}")
+        if not self.quants or not self.encoder_precisions:
+            raise ConfigError("a bundle needs at least one quant and one encoder precision")
+        if self.default_encoder_precision and self.default_encoder_precision not in self.encoder_precisions:
+            raise ConfigError(f"default_encoder_precision {self.default_encoder_precision!r} is not shipped")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BundleError(f"cannot write the bundle: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot write the bundle: folder {parent} is not writable")
+
+
+def build_bundle(
+    checkpoint: Path,
+    llama_dir: Path,
+    mert_dir: Path,
+    out: Path,
+    *,
+    options: BundleOptions = BundleOptions(),
+    audio: Sequence[Path] = (),
+    trust_pickle: bool = False,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a checkpoint (published MU-LLaMA or ours) + folders into a verified bundle at ``out``.
+
+    Args:
+        audio: Extra clips for the verification (synthetic test signals are always used).
+        progress: Called with a short line per step (the CLI prints them).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        BundleError: unwritable/existing output, a failed verification row (with ``strict``).
+        CheckpointError, ConfigError: bad inputs (see :func:`training.loading.open_sources`).
+    """
+    import torch
+
+    from export.gguf_export import write_gguf
+    from export.onnx_export import export_adapter, export_encoder
+    from export.onnx_precision import convert_fp16, quantize_int8
+    from export.quantize import quantize_gguf
+    from export.verify import check_windows, format_table, llm_checks, onnx_checks
+    from training.loading import build_model, build_music_model, open_sources
+
+    say = progress or (lambda msg: log.info("%s", msg))
+    out = Path(out)
+    _check_out(out, options.overwrite)
+    t_start = time.perf_counter()
+    src = open_sources(checkpoint, llama_dir, mert_dir, trust_pickle=trust_pickle)
+    cfg = src.config
+    if cfg.injection.query_len != 1:
+        raise ConfigError(f"query_len {cfg.injection.query_len}: only query_len 1 folds into constant vectors")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
+    try:
+        say(f"music model: MERT {cfg.adapter.mert_dim}x{cfg.adapter.n_states - 1}, adapter -> {cfg.llama.dim}")
+        music = build_music_model(src)
+        encoders, adapters = {}, {}
+        encoders["fp32"] = export_encoder(music, tmp / "encoder.fp32.onnx").name
+        adapters["fp32"] = export_adapter(music, tmp / "adapter.fp32.onnx").name
+        for p in options.encoder_precisions:
+            if p == "fp32":
+                continue
+            convert = convert_fp16 if p == "fp16" else quantize_int8
+            say(f"onnx: {p} variants")
+            encoders[p] = convert(tmp / "encoder.fp32.onnx", tmp / f"encoder.{p}.onnx").name
+            adapters[p] = convert(tmp / "adapter.fp32.onnx", tmp / f"adapter.{p}.onnx").name
+
+        llms: dict[str, str] = {}
+        notes: list[str] = []
+        base_type = "f32" if "f32" in options.quants or _llama_params(cfg) < AUTO_VERIFY_LLM_MAX_PARAMS else "f16"
+        base = tmp / f"llm.{base_type}.gguf"
+        say(f"gguf: {base_type} (LoRA merged, biases, trained norms, tokenizer)")
+        write_gguf(src, base, file_type=base_type, n_ctx_train=options.n_ctx_train)
+        for q in options.quants:
+            if q == base_type:
+                llms[q] = base.name
+                continue
+            say(f"gguf: quantize {q}")
+            report = quantize_gguf(base, tmp / f"llm.{q}.gguf", q, nthread=threads)
+            if report.k_quant_fallback:
+                notes.append(f"llm.{q}.gguf: the model's widths are not multiples of 256, so llama.cpp used "
+                             f"other types for some tensors: {report.tensor_types}")
+            llms[q] = f"llm.{q}.gguf"
+
+        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp)
+        manifest = parse_manifest(manifest_raw, where="new manifest")
+
+        say("verify: ONNX graphs vs torch")
+        windows = check_windows(audio)
+        checks = onnx_checks(music, tmp, manifest, windows, threads=threads)
+        verify_llm = options.verify_llm
+        if verify_llm is None:
+            verify_llm = _llama_params(cfg) <= AUTO_VERIFY_LLM_MAX_PARAMS
+        if verify_llm:
+            say("verify: llama.cpp (hooked) vs torch")
+            del music
+            full = build_model(src, dtype=torch.float32)
+            checks += llm_checks(full, tmp, manifest, windows, quants=llms, threads=threads)
+            del full
+        else:
+            notes.append("llama.cpp outputs were not checked at export time (model too large for the automatic "
+                         "check); run `mullama-export verify` on a machine with the memory for it")
+        say("\n" + format_table(checks))
+        failed = [c.name for c in checks if not c.passed]
+        if failed and options.strict:
+            raise BundleError(f"verification failed for {', '.join(failed)}; no bundle was written")
+        # Intermediate files that were needed to build the variants but were not asked for.
+        if base_type not in options.quants:
+            base.unlink()
+        if "fp32" not in options.encoder_precisions:
+            for stale in tmp.glob("*.fp32.onnx*"):
+                stale.unlink()
+        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp)
+        manifest_raw["verification"] = {c.name: c.to_dict() for c in checks}
+        manifest_raw["export_seconds"] = round(time.perf_counter() - t_start, 1)
+        parse_manifest(manifest_raw, where="new manifest")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_raw, indent=2, ensure_ascii=False) + "\n")
+        # mkdtemp made the folder private (0700); a bundle is meant to be shared and read by others.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        say(f"bundle written: {out}")
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _llama_params(cfg) -> int:
+    p = cfg.llama
+    per_layer = 2 * p.dim * p.dim + 2 * p.dim * p.kv_heads * p.head_dim + 3 * p.dim * p.hidden_dim
+    return p.n_layers * per_layer + 2 * p.vocab_size * p.dim
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"mullama_sdk": __version__}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "gguf", "llama-cpp-python"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    from export.graphs import OPSET
+
+    out["onnx_opset"] = str(OPSET)
+    return out
+
+
+def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes, folder: Path) -> dict[str, Any]:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    p = cfg.llama
+    default_prec = options.default_encoder_precision or (
+        "int8" if "int8" in options.encoder_precisions else options.encoder_precisions[0])
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"checkpoint": Path(src.checkpoint.path).name, "kind": "mullama" if src.checkpoint.config
+                   else "published"},
+        "dims": {"n_embd": p.dim, "n_layer": p.n_layers, "n_head": p.n_heads, "n_head_kv": p.kv_heads,
+                 "n_ff": p.hidden_dim, "n_vocab": p.vocab_size, "mert_dim": cfg.adapter.mert_dim,
+                 "mert_states": cfg.adapter.n_states, "n_inject": cfg.injection.n_layers},
+        "inject_layers": cfg.injection.layer_ids(p.n_layers),
+        "audio": {"sample_rate": SAMPLE_RATE_HZ, "min_window_seconds": MIN_WINDOW_SECONDS,
+                  "max_window_seconds": MAX_WINDOW_SECONDS, "channels": "mono (mean after resampling)"},
+        "prompt": {"template": PROMPT_TEMPLATE, "default_question": DEFAULT_QUESTION,
+                   "bos_id": src.tokenizer.bos_id, "eos_id": src.tokenizer.eos_id, "add_bos": True},
+        "sampling": {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
+                     "max_new_tokens": DEFAULT_MAX_NEW_TOKENS},
+        "encoder": {k: encoders[k] for k in options.encoder_precisions},
+        "adapter": {k: adapters[k] for k in options.encoder_precisions},
+        "llm": {k: v for k, v in llms.items() if (folder / v).exists()},
+        "default_encoder_precision": default_prec,
+        "default_quant": options.quants[0],
+        "files": files,
+        "versions": _versions(),
+        "verification": {},
+        "notes": notes,
+    }

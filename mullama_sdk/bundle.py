@@ -1,0 +1,254 @@
+"""The bundle folder is the contract between the export and the runtime: ``mullama.json`` names every
+file (with size and sha256), every dimension and every default; this module reads and validates it.
+
+Validation happens before anything native is loaded, so a broken or mismatched bundle gives a
+:class:`BundleError` naming the file, never a crash inside ONNX Runtime or llama.cpp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mullama_sdk.errors import BundleError
+
+MANIFEST_NAME = "mullama.json"
+BUNDLE_FORMAT = "mullama-bundle"
+BUNDLE_FORMAT_VERSION = 1
+
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
+LLM_QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+
+#: ONNX graph interfaces (input and output names) the runtime relies on.
+ENCODER_INPUTS, ENCODER_OUTPUTS = ("waveform",), ("state_means", "n_frames")
+ADAPTER_INPUTS, ADAPTER_OUTPUTS = ("state_means",), ("injection", "music_query")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Model dimensions, in llama.cpp's words for the LLM and ours for the music side."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    mert_dim: int
+    mert_states: int
+    n_inject: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Parsed ``mullama.json``. File names are relative to the bundle folder."""
+
+    format_version: int
+    dims: Dims
+    inject_layers: tuple[int, ...]
+    sample_rate: int
+    min_window_seconds: float
+    max_window_seconds: float
+    prompt_template: str
+    default_question: str
+    bos_id: int
+    eos_id: int
+    sampling: dict[str, float]
+    encoder: dict[str, str]
+    adapter: dict[str, str]
+    llm: dict[str, str]
+    default_encoder_precision: str
+    default_quant: str
+    files: dict[str, FileEntry]
+    versions: dict[str, str]
+    verification: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("raw")
+        d["format"] = BUNDLE_FORMAT
+        d["inject_layers"] = list(self.inject_layers)
+        d["notes"] = list(self.notes)
+        return {"format": BUNDLE_FORMAT, **{k: v for k, v in d.items() if k != "format"}}
+
+
+def sha256_of(path: Path, *, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_member(bundle_dir: Path, name: str) -> Path:
+    """Resolve a manifest file name inside ``bundle_dir``; refuse absolute paths, ``..`` and links out."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise BundleError(f"manifest names the file {name!r}: only plain paths inside the bundle are allowed")
+    path = (bundle_dir / pure).resolve()
+    root = bundle_dir.resolve()
+    if root not in path.parents:
+        raise BundleError(f"manifest file {name!r} resolves outside the bundle folder ({path})")
+    return path
+
+
+def _need(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise BundleError(f"{where}: field {key!r} has type {type(value).__name__}, expected {kind}")
+    return value
+
+
+def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manifest:
+    """Check the manifest's structure and types; raise :class:`BundleError` naming the first problem."""
+    if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{where} is not a mullama bundle manifest (its 'format' is not {BUNDLE_FORMAT!r})")
+    version = _need(raw, "format_version", int, where)
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{where} has bundle format version {version}, newer than this mullama-sdk reads "
+            f"(<= {BUNDLE_FORMAT_VERSION}); upgrade mullama-sdk or re-export the bundle"
+        )
+    if version < 1:
+        raise BundleError(f"{where}: invalid format_version {version}")
+    dims_raw = _need(raw, "dims", dict, where)
+    try:
+        dims = Dims(**{f.name: int(_need(dims_raw, f.name, int, f"{where} dims")) for f in dataclasses.fields(Dims)})
+    except TypeError as e:
+        raise BundleError(f"{where}: bad dims: {e}") from e
+    if min(dataclasses.astuple(dims)) <= 0:
+        raise BundleError(f"{where}: every dimension must be positive, got {dims}")
+    inject = tuple(int(i) for i in _need(raw, "inject_layers", list, where))
+    if len(inject) != dims.n_inject or any(not 0 <= i < dims.n_layer for i in inject):
+        raise BundleError(
+            f"{where}: inject_layers {list(inject)} must be {dims.n_inject} layer ids in [0, {dims.n_layer})"
+        )
+    files_raw = _need(raw, "files", dict, where)
+    files = {}
+    for name, entry in files_raw.items():
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}: files[{name!r}] must be an object with size and sha256")
+        files[name] = FileEntry(size=int(_need(entry, "size", int, f"{where} files[{name!r}]")),
+                                sha256=str(_need(entry, "sha256", str, f"{where} files[{name!r}]")))
+
+    def variants(key: str, allowed: tuple[str, ...]) -> dict[str, str]:
+        v = _need(raw, key, dict, where)
+        if not v:
+            raise BundleError(f"{where}: {key!r} lists no files")
+        for name, file in v.items():
+            if name not in allowed:
+                raise BundleError(f"{where}: {key} variant {name!r} is unknown (valid: {', '.join(allowed)})")
+            if file not in files:
+                raise BundleError(f"{where}: {key}[{name!r}] = {file!r} is not listed under 'files'")
+        return dict(v)
+
+    encoder = variants("encoder", ENCODER_PRECISIONS)
+    adapter = variants("adapter", ENCODER_PRECISIONS)
+    llm = variants("llm", LLM_QUANTS)
+    default_prec = _need(raw, "default_encoder_precision", str, where)
+    default_quant = _need(raw, "default_quant", str, where)
+    if default_prec not in encoder or default_prec not in adapter:
+        raise BundleError(f"{where}: default_encoder_precision {default_prec!r} has no encoder+adapter files")
+    if default_quant not in llm:
+        raise BundleError(f"{where}: default_quant {default_quant!r} has no GGUF file")
+    audio = _need(raw, "audio", dict, where)
+    prompt = _need(raw, "prompt", dict, where)
+    return Manifest(
+        format_version=version,
+        dims=dims,
+        inject_layers=inject,
+        sample_rate=int(_need(audio, "sample_rate", int, f"{where} audio")),
+        min_window_seconds=float(_need(audio, "min_window_seconds", (int, float), f"{where} audio")),
+        max_window_seconds=float(_need(audio, "max_window_seconds", (int, float), f"{where} audio")),
+        prompt_template=_need(prompt, "template", str, f"{where} prompt"),
+        default_question=_need(prompt, "default_question", str, f"{where} prompt"),
+        bos_id=int(_need(prompt, "bos_id", int, f"{where} prompt")),
+        eos_id=int(_need(prompt, "eos_id", int, f"{where} prompt")),
+        sampling=dict(_need(raw, "sampling", dict, where)),
+        encoder=encoder,
+        adapter=adapter,
+        llm=llm,
+        default_encoder_precision=default_prec,
+        default_quant=default_quant,
+        files=files,
+        versions={str(k): str(v) for k, v in raw.get("versions", {}).items()},
+        verification=dict(raw.get("verification", {})),
+        notes=tuple(str(n) for n in raw.get("notes", [])),
+        raw=raw,
+    )
+
+
+def load_manifest(bundle_dir: Path) -> Manifest:
+    """Read and parse ``bundle_dir/mullama.json``."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle folder not found: {bundle_dir}")
+    path = bundle_dir / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST_NAME}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from e
+    return parse_manifest(raw, where=str(path))
+
+
+def check_files(bundle_dir: Path, manifest: Manifest, names: list[str], *, sha256: bool = False) -> None:
+    """Every named file exists inside the bundle with the listed size (and sha256 when asked)."""
+    for name in names:
+        entry = manifest.files[name]
+        path = safe_member(Path(bundle_dir), name)
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {name} (expected in {bundle_dir})")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(
+                f"bundle file {name} has {size} bytes, the manifest says {entry.size}: truncated or replaced"
+            )
+        if sha256 and sha256_of(path) != entry.sha256:
+            raise BundleError(f"bundle file {name} fails its sha256 check: corrupted or replaced")
+
+
+def check_gguf_dims(path: Path, manifest: Manifest) -> None:
+    """The GGUF's own hyper-parameters agree with the manifest (read from its header, no native load)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
+        raise BundleError(f"{path.name} is not a readable GGUF file: {e}") from e
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            raise BundleError(f"{path.name} lacks GGUF field {key}")
+        return f.contents()
+
+    d = manifest.dims
+    checks = {
+        "llama.embedding_length": d.n_embd, "llama.block_count": d.n_layer,
+        "llama.attention.head_count": d.n_head, "llama.feed_forward_length": d.n_ff,
+    }
+    for key, want in checks.items():
+        got = field(key)
+        if int(got) != want:
+            raise BundleError(f"{path.name}: {key} = {got}, but the manifest says {want}")
+    n_vocab = len(field("tokenizer.ggml.tokens"))
+    if n_vocab != d.n_vocab:
+        raise BundleError(f"{path.name} has {n_vocab} tokens, the manifest says n_vocab = {d.n_vocab}")
+    layers = [int(x) for x in field("mullama.inject_layers")]
+    if tuple(layers) != manifest.inject_layers:
+        raise BundleError(f"{path.name}: mullama.inject_layers {layers} != manifest {list(manifest.inject_layers)}")

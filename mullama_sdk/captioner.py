@@ -1,0 +1,556 @@
+"""The public entry point: ``Captioner.from_pretrained(bundle)`` -> ``caption(audio)``.
+
+Threading model: ONNX Runtime sessions run concurrently; everything that touches a llama.cpp
+context (the KV cache and the music hook's vectors) runs under one lock, so one Captioner can be
+shared by any number of threads and each call gets exactly its single-threaded result. For
+parallel decoding of many clips use :meth:`Captioner.caption_batch` (one llama.cpp batch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mullama_sdk.audio import load_audio, window_bounds
+from mullama_sdk.bundle import (
+    ENCODER_PRECISIONS,
+    LLM_QUANTS,
+    Manifest,
+    check_files,
+    check_gguf_dims,
+    load_manifest,
+    safe_member,
+)
+from mullama_sdk.errors import BundleError, ContextLengthError
+from mullama_sdk.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+AudioInput = Any  # path, bytes, file-like, numpy array (+ sample_rate) or MusicVectors
+_keys = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time went, in milliseconds (``tokens_per_s`` counts generated tokens while decoding)."""
+
+    audio_s: float = 0.0
+    encode_ms: float = 0.0
+    adapter_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    n_prompt_tokens: int = 0
+    n_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 * self.n_tokens / self.decode_ms if self.decode_ms > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        d = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        d["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return d
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The caption of one window of a long clip."""
+
+    start_s: float
+    end_s: float
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A generated answer. ``tokens`` excludes the EOS; ``stop_reason`` says why generation ended:
+    ``"eos"``, ``"max_new_tokens"``, ``"cancelled"`` (``cancel()``) or ``"stopped"`` (stop callback)."""
+
+    text: str
+    tokens: tuple[int, ...]
+    prompt_tokens: tuple[int, ...]
+    timings: Timings
+    stop_reason: str
+    segments: tuple[Segment, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class MusicVectors:
+    """What the encoder made of one clip: reuse it to ask several questions without re-encoding.
+
+    ``injection`` holds ``d_l`` for every injected layer, ``(n_inject, n_embd)`` float32.
+    """
+
+    injection: np.ndarray
+    music_query: np.ndarray
+    duration_s: float
+    n_frames: int
+    encode_ms: float
+    adapter_ms: float
+    window_bounds_s: tuple[tuple[float, float], ...] = ()
+    window_means: tuple[tuple[np.ndarray, int], ...] = field(default=(), repr=False)
+    key: int = field(default_factory=lambda: next(_keys))
+
+
+class Captioner:
+    """MU-LLaMA on ONNX Runtime (encoder, adapter) and llama.cpp (LLaMA), from one bundle folder.
+
+    Use :meth:`from_pretrained`; close it (or use ``with``) to free the native memory.
+    """
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, encoder, llm_model, hook, *, n_ctx: int,
+                 n_threads: int | None, batch_size: int, exact: bool, max_window_seconds: float) -> None:
+        from mullama_sdk.llm import LlamaContext
+
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self._encoder = encoder
+        self._model = llm_model
+        self._hook = hook
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads
+        self._batch_size = batch_size
+        self._exact = exact
+        self.max_window_seconds = max_window_seconds
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self._ctx = LlamaContext(llm_model, hook, n_ctx=n_ctx, n_threads=n_threads, exact=exact)
+        self._batch_ctx = None
+        self._active_ctx = None
+        self._kv_key: int | None = None  # which clip the single-sequence KV cache holds
+        self._kv_tokens: list[int] = []
+        self._closed = False
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        bundle: str | os.PathLike,
+        *,
+        device: str = "auto",
+        n_threads: int | None = None,
+        n_ctx: int = 1024,
+        encoder_precision: str | None = None,
+        quant: str | None = None,
+        batch_size: int = 4,
+        verify_checksums: bool = False,
+        exact: bool = False,
+        hook_backend: str = "auto",
+        max_window_seconds: float | None = None,
+    ) -> Captioner:
+        """Validate a bundle folder, then load its encoder, adapter and LLM.
+
+        Args:
+            bundle: Folder written by ``mullama-export bundle``.
+            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+            n_threads: CPU threads for ONNX Runtime and llama.cpp (default: theirs).
+            n_ctx: KV-cache tokens per sequence (prompt + answer must fit).
+            encoder_precision: ``fp32``, ``fp16`` or ``int8``; default from the manifest (fp16 on CUDA
+                when the bundle has it).
+            quant: Which GGUF: ``f32``, ``f16``, ``q8_0``, ``q4_k_m``; default from the manifest.
+            batch_size: Most clips one :meth:`caption_batch` step decodes together.
+            verify_checksums: Hash every file against the manifest (slow for big bundles; sizes are
+                always checked).
+            exact: llama.cpp without flash attention and with an F32 KV cache (matches the torch
+                reference to ~1e-6; slower). For tests and ``verify``.
+            hook_backend: ``"auto"``, ``"native"`` (C) or ``"python"`` (slower fallback).
+            max_window_seconds: Longest window the encoder sees (default: the bundle's, 30 s).
+
+        Raises:
+            BundleError: missing/corrupt files, dims that disagree, unknown variants.
+            BackendUnavailableError: ONNX Runtime / CUDA / the hook cannot run here.
+        """
+        from mullama_sdk.encoder import OnnxMusicEncoder, choose_providers
+        from mullama_sdk.llm import LlamaModel
+        from native_bridge import InjectionHook
+
+        bundle_dir = Path(bundle)
+        manifest = load_manifest(bundle_dir)
+        providers = choose_providers(device)
+        on_gpu = providers[0] != "CPUExecutionProvider"
+        precision = encoder_precision or ("fp16" if on_gpu and "fp16" in manifest.encoder
+                                          else manifest.default_encoder_precision)
+        quant = quant or manifest.default_quant
+        for name, value, options, allowed in (("encoder_precision", precision, manifest.encoder, ENCODER_PRECISIONS),
+                                              ("quant", quant, manifest.llm, LLM_QUANTS)):
+            if value not in options:
+                raise BundleError(
+                    f"{name}={value!r} is not in this bundle (it has {sorted(options)}; known: {allowed})"
+                )
+        if n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16 tokens, got {n_ctx}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        files = [manifest.encoder[precision], manifest.adapter[precision], manifest.llm[quant]]
+        files += [f for f in manifest.files if f.endswith(".data") and any(f.startswith(x) for x in files)]
+        check_files(bundle_dir, manifest, files, sha256=verify_checksums)
+        gguf_path = safe_member(bundle_dir, manifest.llm[quant])
+        check_gguf_dims(gguf_path, manifest)
+
+        encoder = OnnxMusicEncoder(
+            safe_member(bundle_dir, manifest.encoder[precision]),
+            safe_member(bundle_dir, manifest.adapter[precision]),
+            providers=providers, n_threads=n_threads,
+        )
+        model = LlamaModel(gguf_path, n_gpu_layers=999 if on_gpu else 0)
+        d = manifest.dims
+        if (model.n_embd, model.n_layer, model.n_vocab) != (d.n_embd, d.n_layer, d.n_vocab):
+            model.close()
+            raise BundleError(f"{gguf_path.name} loaded as n_embd={model.n_embd}, n_layer={model.n_layer}, "
+                              f"n_vocab={model.n_vocab}; the manifest says {d}")
+        hook = InjectionHook(d.n_embd, d.n_layer, backend=hook_backend)
+        log.info("mullama: encoder %s on %s, LLM %s, hook %s", precision, providers[0], quant, hook.backend)
+        return cls(bundle_dir, manifest, encoder, model, hook, n_ctx=n_ctx, n_threads=n_threads,
+                   batch_size=batch_size, exact=exact,
+                   max_window_seconds=max_window_seconds or manifest.max_window_seconds)
+
+    # ---- audio -> music vectors -----------------------------------------------------------------
+    def encode(self, audio: AudioInput, *, sample_rate: int | None = None, keep_windows: bool = False) -> MusicVectors:
+        """Run the encoder (per window, frame-weighted mean) and the adapter on one clip."""
+        self._check_open()
+        if isinstance(audio, MusicVectors):
+            return audio
+        wave = load_audio(audio, sample_rate)
+        sr = self.manifest.sample_rate
+        bounds = window_bounds(len(wave), max_window_samples=int(self.max_window_seconds * sr),
+                               min_window_samples=int(self.manifest.min_window_seconds * sr))
+        t0 = time.perf_counter()
+        per_window = [self._encoder.window_means(wave[a:b]) for a, b in bounds]
+        t1 = time.perf_counter()
+        total_frames = sum(n for _, n in per_window)
+        means = sum(m * n for m, n in per_window) / total_frames
+        injection, query = self._encoder.adapt(means)
+        t2 = time.perf_counter()
+        return MusicVectors(
+            injection=injection, music_query=query, duration_s=len(wave) / sr, n_frames=total_frames,
+            encode_ms=1000 * (t1 - t0), adapter_ms=1000 * (t2 - t1),
+            window_bounds_s=tuple((a / sr, b / sr) for a, b in bounds),
+            window_means=tuple(per_window) if keep_windows else (),
+        )
+
+    # ---- generation -----------------------------------------------------------------------------
+    def caption(
+        self,
+        audio: AudioInput,
+        *,
+        question: str | None = None,
+        sample_rate: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        segments: bool = False,
+        stop: Callable[[], bool] | None = None,
+    ) -> Caption:
+        """Caption (or answer ``question`` about) one clip.
+
+        Args:
+            audio: Path, bytes, file object, numpy array (with ``sample_rate``) or :class:`MusicVectors`.
+            question: The instruction; default the bundle's ("Describe the audio").
+            max_new_tokens, temperature, top_p: Default to the bundle's sampling settings;
+                temperature 0 is greedy.
+            seed: Seed of the sampler (reproducible sampling).
+            segments: Also caption every encoder window separately (long audio), with start/end times.
+            stop: Called once per token; returning True ends generation (``stop_reason="stopped"``).
+        """
+        vec = self.encode(audio, sample_rate=sample_rate, keep_windows=segments)
+        cap = self._run(vec, question, max_new_tokens, temperature, top_p, seed, stop)
+        if not segments:
+            return cap
+        segs = []
+        for (start, end), (means, _frames) in zip(vec.window_bounds_s, vec.window_means, strict=True):
+            t0 = time.perf_counter()
+            injection, query = self._encoder.adapt(means)
+            window_vec = MusicVectors(injection, query, end - start, _frames, 0.0,
+                                      1000 * (time.perf_counter() - t0))
+            c = self._run(window_vec, question, max_new_tokens, temperature, top_p, seed, stop)
+            segs.append(Segment(start, end, c.text, c.tokens))
+        return Caption(cap.text, cap.tokens, cap.prompt_tokens, cap.timings, cap.stop_reason, tuple(segs))
+
+    def ask(self, audio: AudioInput, question: str, **kwargs: Any) -> Caption:
+        """Answer ``question`` about ``audio`` (same options as :meth:`caption`)."""
+        return self.caption(audio, question=question, **kwargs)
+
+    def caption_stream(
+        self,
+        audio: AudioInput,
+        *,
+        question: str | None = None,
+        sample_rate: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
+        """Yield the caption's text as it is generated; pieces never split a UTF-8 character.
+
+        The pieces join to exactly :meth:`caption`'s ``text``. Consume the iterator to the end (or
+        ``close()`` it): it holds the decoding lock meanwhile.
+        """
+        vec = self.encode(audio, sample_rate=sample_rate)
+        tokens: list[int] = []
+        emitted = ""
+        for token in self._tokens(vec, question, max_new_tokens, temperature, top_p, seed, stop, {}):
+            tokens.append(token)
+            text = self._model.detokenize(tokens)
+            # A trailing U+FFFD is a multi-byte character whose remaining bytes are still to come.
+            stable = text.rstrip("\ufffd")
+            if len(stable) > len(emitted) and stable.startswith(emitted):
+                yield stable[len(emitted):]
+                emitted = stable
+        final = self._model.detokenize(tokens)
+        if final != emitted and final.startswith(emitted):
+            yield final[len(emitted):]
+
+    def cancel(self) -> None:
+        """End the generation in progress (any thread); it returns with ``stop_reason="cancelled"``."""
+        self._cancel.set()
+        ctx = self._active_ctx
+        if ctx is not None:
+            ctx.request_abort()
+
+    def _sampling(self, max_new_tokens, temperature, top_p, seed) -> tuple[int, Sampler]:
+        s = self.manifest.sampling
+        n = int(s.get("max_new_tokens", 512) if max_new_tokens is None else max_new_tokens)
+        if n < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {n}")
+        t = float(s.get("temperature", 0.6) if temperature is None else temperature)
+        p = float(s.get("top_p", 0.8) if top_p is None else top_p)
+        return n, Sampler(t, p, seed)
+
+    def _prompt(self, question: str | None) -> list[int]:
+        q = self.manifest.default_question if question is None else question
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"question must be a non-empty string, got {q!r}")
+        return self._model.tokenize(self.manifest.prompt_template.format(question=q), add_bos=True)
+
+    def _run(self, vec, question, max_new_tokens, temperature, top_p, seed, stop) -> Caption:
+        info: dict[str, Any] = {}
+        tokens = list(self._tokens(vec, question, max_new_tokens, temperature, top_p, seed, stop, info))
+        timings = Timings(audio_s=vec.duration_s, encode_ms=vec.encode_ms, adapter_ms=vec.adapter_ms,
+                          prefill_ms=info["prefill_ms"], decode_ms=info["decode_ms"],
+                          n_prompt_tokens=len(info["prompt"]), n_tokens=len(tokens))
+        return Caption(self._model.detokenize(tokens), tuple(tokens), tuple(info["prompt"]), timings,
+                       info["stop_reason"])
+
+    def _tokens(self, vec: MusicVectors, question, max_new_tokens, temperature, top_p, seed, stop,
+                info: dict[str, Any]) -> Iterator[int]:
+        """Generate token ids for one clip on the single-sequence context (holds the lock throughout)."""
+        n_new, sampler = self._sampling(max_new_tokens, temperature, top_p, seed)
+        prompt = self._prompt(question)
+        self._check_fits(len(prompt), n_new, self._ctx.n_ctx)
+        info.update(prompt=prompt, prefill_ms=0.0, decode_ms=0.0, stop_reason="max_new_tokens")
+        with self._lock:
+            self._check_open()
+            self._cancel.clear()
+            self._active_ctx = ctx = self._ctx
+            try:
+                self._hook.set_clip_vectors(0, (list(self.manifest.inject_layers), vec.injection))
+                self._hook.use_single_clip(0)
+                keep = self._reusable_prefix(vec.key, prompt)
+                t0 = time.perf_counter()
+                try:
+                    logits = ctx.decode(prompt[keep:], range(keep, len(prompt)), [0] * (len(prompt) - keep),
+                                        [i == len(prompt) - 1 for i in range(keep, len(prompt))])[0]
+                except InterruptedError:
+                    self._forget_kv()
+                    info["stop_reason"] = "cancelled"
+                    return
+                self._kv_key, self._kv_tokens = vec.key, list(prompt)
+                t1 = time.perf_counter()
+                info["prefill_ms"] = 1000 * (t1 - t0)
+                pos = len(prompt)
+                for step in range(n_new):
+                    token = sampler.pick(logits)
+                    if token == self.manifest.eos_id or self._model.is_eog(token):
+                        info["stop_reason"] = "eos"
+                        break
+                    yield token
+                    if self._cancel.is_set():
+                        info["stop_reason"] = "cancelled"
+                        break
+                    if stop is not None and stop():
+                        info["stop_reason"] = "stopped"
+                        break
+                    if step + 1 == n_new:
+                        break
+                    try:
+                        logits = ctx.decode([token], [pos], [0], [True])[0]
+                    except InterruptedError:
+                        self._forget_kv()
+                        info["stop_reason"] = "cancelled"
+                        break
+                    self._kv_tokens.append(token)
+                    pos += 1
+                info["decode_ms"] = 1000 * (time.perf_counter() - t1)
+            finally:
+                self._active_ctx = None
+
+    def _reusable_prefix(self, key: int, prompt: list[int]) -> int:
+        """How many leading prompt tokens the KV cache already holds for this very clip (exact reuse)."""
+        if self._kv_key != key:
+            self._forget_kv()
+            return 0
+        n = 0
+        for a, b in zip(self._kv_tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)  # re-run at least one token: its logits start the answer
+        self._ctx.clear(0, n)
+        del self._kv_tokens[n:]
+        return n
+
+    def _forget_kv(self) -> None:
+        self._ctx.clear()
+        self._kv_key, self._kv_tokens = None, []
+
+    @staticmethod
+    def _check_fits(n_prompt: int, n_new: int, n_ctx: int) -> None:
+        if n_prompt + n_new > n_ctx:
+            raise ContextLengthError(
+                f"prompt ({n_prompt} tokens) + max_new_tokens ({n_new}) exceed the context of {n_ctx} tokens; "
+                "shorten the question, lower max_new_tokens or create the Captioner with a larger n_ctx"
+            )
+
+    # ---- batches --------------------------------------------------------------------------------
+    def caption_batch(
+        self,
+        audios: Sequence[AudioInput],
+        *,
+        questions: str | Sequence[str | None] | None = None,
+        sample_rate: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[Caption]:
+        """Caption several clips, decoding up to ``batch_size`` of them together in one llama.cpp batch.
+
+        Each clip's result equals its own :meth:`caption` (same seed per clip).
+        """
+        from mullama_sdk.llm import LlamaContext
+
+        audios = list(audios)
+        if isinstance(questions, str) or questions is None:
+            questions = [questions] * len(audios)
+        questions = list(questions)
+        if len(questions) != len(audios):
+            raise ValueError(f"{len(audios)} clips but {len(questions)} questions")
+        vectors = [self.encode(a, sample_rate=sample_rate) for a in audios]
+        results: list[Caption] = []
+        for start in range(0, len(vectors), self._batch_size):
+            chunk = list(zip(vectors[start:start + self._batch_size], questions[start:start + self._batch_size],
+                             strict=True))
+            with self._lock:
+                self._check_open()
+                if self._batch_ctx is None:
+                    self._batch_ctx = LlamaContext(
+                        self._model, self._hook, n_ctx=self._n_ctx * self._batch_size,
+                        n_seq_max=self._batch_size, n_threads=self._n_threads, exact=self._exact)
+                results.extend(self._decode_batch(self._batch_ctx, chunk, max_new_tokens, temperature, top_p, seed))
+        return results
+
+    def _decode_batch(self, ctx, chunk, max_new_tokens, temperature, top_p, seed) -> list[Caption]:
+        n = len(chunk)
+        prompts = [self._prompt(q) for _, q in chunk]
+        plans = [self._sampling(max_new_tokens, temperature, top_p, seed) for _ in chunk]
+        for p, (n_new, _) in zip(prompts, plans, strict=True):
+            self._check_fits(len(p), n_new, self._n_ctx)
+        self._cancel.clear()
+        self._active_ctx = ctx
+        ctx.clear()
+        try:
+            layers = list(self.manifest.inject_layers)
+            for i, (vec, _) in enumerate(chunk):
+                self._hook.set_clip_vectors(i, (layers, vec.injection))
+            toks, pos, seqs, want, clips = [], [], [], [], []
+            for i, p in enumerate(prompts):
+                toks += p
+                pos += range(len(p))
+                seqs += [i] * len(p)
+                want += [False] * (len(p) - 1) + [True]
+                clips += [i] * len(p)
+            t0 = time.perf_counter()
+            logits = dict(enumerate(ctx.decode(toks, pos, seqs, want, row_clips=clips)))
+            t1 = time.perf_counter()
+            out: list[list[int]] = [[] for _ in range(n)]
+            reason = ["max_new_tokens"] * n
+            active = set(range(n))
+            while active:
+                step_seqs = []
+                for i in sorted(active):
+                    n_new, sampler = plans[i]
+                    if len(out[i]) >= n_new:
+                        active.discard(i)
+                        continue
+                    token = sampler.pick(logits[i])
+                    if token == self.manifest.eos_id or self._model.is_eog(token):
+                        reason[i] = "eos"
+                        active.discard(i)
+                        continue
+                    out[i].append(token)
+                    if len(out[i]) < n_new:
+                        step_seqs.append(i)
+                    else:
+                        active.discard(i)
+                if self._cancel.is_set():
+                    reason = [r if r == "eos" else "cancelled" for r in reason]
+                    break
+                if not step_seqs:
+                    break
+                try:
+                    step_logits = ctx.decode([out[i][-1] for i in step_seqs],
+                                             [len(prompts[i]) + len(out[i]) - 1 for i in step_seqs],
+                                             step_seqs, [True] * len(step_seqs), row_clips=step_seqs)
+                except InterruptedError:
+                    reason = [r if r == "eos" else "cancelled" for r in reason]
+                    break
+                logits = dict(zip(step_seqs, step_logits, strict=True))
+            t2 = time.perf_counter()
+        finally:
+            self._active_ctx = None
+            ctx.clear()
+        caps = []
+        for i, (vec, _) in enumerate(chunk):
+            timings = Timings(audio_s=vec.duration_s, encode_ms=vec.encode_ms, adapter_ms=vec.adapter_ms,
+                              prefill_ms=1000 * (t1 - t0), decode_ms=1000 * (t2 - t1),
+                              n_prompt_tokens=len(prompts[i]), n_tokens=len(out[i]))
+            caps.append(Caption(self._model.detokenize(out[i]), tuple(out[i]), tuple(prompts[i]), timings,
+                                reason[i]))
+        return caps
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Captioner is closed")
+
+    def close(self) -> None:
+        """Free the llama.cpp contexts and model, the hook and the ONNX sessions (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for ctx in (self._ctx, self._batch_ctx):
+                if ctx is not None:
+                    ctx.close()
+            self._model.close()
+            self._hook.close()
+            self._encoder.close()
+
+    def __enter__(self) -> Captioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
