@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -300,6 +301,95 @@ def window_bounds(
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+#: Files longer than this are decoded block by block (memory bounded by one window, not by duration).
+STREAM_ABOVE_SECONDS = 120.0
+#: Input read per block while streaming.
+STREAM_BLOCK_SECONDS = 10.0
+
+
+def iter_windows(
+    source: AudioSource,
+    sample_rate: int | None = None,
+    *,
+    max_window_seconds: float = MAX_WINDOW_SECONDS,
+    min_window_seconds: float = MIN_WINDOW_SECONDS,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, window)`` encoder windows (24 kHz mono float32) of a clip, in order.
+
+    Short sources are loaded whole (:func:`load_audio`) and split by :func:`window_bounds`. Files
+    longer than :data:`STREAM_ABOVE_SECONDS` are decoded, resampled (soxr's streaming resampler) and
+    down-mixed block by block, so memory stays at about one window whatever the duration; the window
+    plan is made from the announced length and the last window absorbs any few-sample difference.
+
+    Raises:
+        AudioError: as :func:`load_audio`; also for NaN/Inf found while streaming.
+    """
+    max_n = round(max_window_seconds * SAMPLE_RATE_HZ)
+    min_n = round(min_window_seconds * SAMPLE_RATE_HZ)
+    info = _stream_info(source) if sample_rate is None else None
+    if info is None:
+        wave = load_audio(source, sample_rate)
+        for start, stop in window_bounds(len(wave), max_window_samples=max_n, min_window_samples=min_n):
+            yield start, stop, wave[start:stop]
+        return
+    path, rate, n_frames, channels = info
+    expected = int(round(n_frames * SAMPLE_RATE_HZ / rate))
+    plan = window_bounds(expected, max_window_samples=max_n, min_window_samples=min_n)
+    name = _describe(source)
+    stream = None if rate == SAMPLE_RATE_HZ else soxr.ResampleStream(
+        rate, SAMPLE_RATE_HZ, channels, dtype="float32", quality=RESAMPLE_QUALITY)
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    emitted = 0
+    index = 0
+    try:
+        with soundfile.SoundFile(path) as f:
+            block = max(1, int(STREAM_BLOCK_SECONDS * rate))
+            while True:
+                frames = f.read(block, dtype="float32", always_2d=True)
+                last = frames.shape[0] < block
+                _check_finite(frames, name)
+                if stream is not None:
+                    frames = stream.resample_chunk(frames, last=last)
+                if frames.shape[0]:
+                    pending.append(downmix(frames))
+                    n_pending += frames.shape[0]
+                # Emit every planned window that is complete; the final one waits for the end of file.
+                while index < len(plan) - 1 and n_pending >= plan[index][1] - plan[index][0]:
+                    size = plan[index][1] - plan[index][0]
+                    joined = np.concatenate(pending)
+                    yield emitted, emitted + size, joined[:size]
+                    pending, n_pending = [joined[size:]], n_pending - size
+                    emitted += size
+                    index += 1
+                if last:
+                    break
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise AudioError(f"cannot decode {name}: {str(exc).rstrip('.')}") from exc
+    tail = np.concatenate(pending) if pending else np.zeros(0, np.float32)
+    if len(tail) < min_n:
+        raise AudioError(f"{name}: the last window decoded to {seconds(len(tail)):.2f} s, less than "
+                         f"{seconds(min_n):g} s (the file is shorter than its header says)")
+    yield emitted, emitted + len(tail), tail
+
+
+def _stream_info(source: AudioSource) -> tuple[str, int, int, int] | None:
+    """(path, rate, frames, channels) when ``source`` is a file long enough to stream, else None."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fsdecode(os.fspath(source))
+    try:
+        info = soundfile.info(path)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
+        return None  # load_audio gives the typed error
+    if info.frames <= 0 or info.channels <= 0 or info.samplerate <= 0:
+        return None
+    if info.frames / info.samplerate <= STREAM_ABOVE_SECONDS:
+        return None
+    check_sample_rate(info.samplerate, path)
+    return path, info.samplerate, info.frames, info.channels
 
 
 def _check_finite(frames: np.ndarray, name: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mullama_sdk.audio import load_audio, window_bounds
+from mullama_sdk.audio import iter_windows
 from mullama_sdk.bundle import (
     ENCODER_PRECISIONS,
     LLM_QUANTS,
@@ -220,19 +220,22 @@ class Captioner:
         self._check_open()
         if isinstance(audio, MusicVectors):
             return audio
-        wave = load_audio(audio, sample_rate)
         sr = self.manifest.sample_rate
-        bounds = window_bounds(len(wave), max_window_samples=int(self.max_window_seconds * sr),
-                               min_window_samples=int(self.manifest.min_window_seconds * sr))
         t0 = time.perf_counter()
-        per_window = [self._encoder.window_means(wave[a:b]) for a, b in bounds]
+        bounds, per_window = [], []
+        # Windows arrive one by one (long files are streamed), so memory does not grow with duration.
+        for start, stop, window in iter_windows(audio, sample_rate, max_window_seconds=self.max_window_seconds,
+                                                min_window_seconds=self.manifest.min_window_seconds):
+            bounds.append((start, stop))
+            per_window.append(self._encoder.window_means(window))
         t1 = time.perf_counter()
         total_frames = sum(n for _, n in per_window)
         means = sum(m * n for m, n in per_window) / total_frames
         injection, query = self._encoder.adapt(means)
         t2 = time.perf_counter()
+        n_samples = bounds[-1][1]
         return MusicVectors(
-            injection=injection, music_query=query, duration_s=len(wave) / sr, n_frames=total_frames,
+            injection=injection, music_query=query, duration_s=n_samples / sr, n_frames=total_frames,
             encode_ms=1000 * (t1 - t0), adapter_ms=1000 * (t2 - t1),
             window_bounds_s=tuple((a / sr, b / sr) for a, b in bounds),
             window_means=tuple(per_window) if keep_windows else (),
