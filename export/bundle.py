@@ -133,7 +133,10 @@ def build_bundle(
     cfg = src.config
     if cfg.injection.query_len != 1:
         raise ConfigError(f"query_len {cfg.injection.query_len}: only query_len 1 folds into constant vectors")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
+    except OSError as e:
+        raise BundleError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from e
     try:
         say(f"music model: MERT {cfg.adapter.mert_dim}x{cfg.adapter.n_states - 1}, adapter -> {cfg.llama.dim}")
         music = build_music_model(src)

@@ -25,6 +25,11 @@ __all__ = [
     "AudioError",
     "BackendUnavailableError",
     "BundleError",
+    "Caption",
+    "Captioner",
+    "MusicVectors",
+    "Segment",
+    "Timings",
     "CheckpointError",
     "ConfigError",
     "ContextLengthError",
@@ -32,9 +37,15 @@ __all__ = [
     "__version__",
 ]
 
-# Public names served lazily (PEP 562): name -> module that defines it. Add "Captioner" to
-# __all__ once mullama_sdk/captioner.py exists (a star import would fail before that).
-_LAZY = {"Captioner": "mullama_sdk.captioner"}
+# Public names served lazily (PEP 562): name -> module that defines it, so that importing the
+# package (e.g. for its errors) does not load ONNX Runtime or llama.cpp.
+_LAZY = {
+    "Captioner": "mullama_sdk.captioner",
+    "Caption": "mullama_sdk.captioner",
+    "MusicVectors": "mullama_sdk.captioner",
+    "Timings": "mullama_sdk.captioner",
+    "Segment": "mullama_sdk.captioner",
+}
 
 
 def __getattr__(name: str) -> Any:

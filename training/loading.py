@@ -28,7 +28,7 @@ from training.config import AdapterDims, DeltaDims, InjectionDims, LlamaParams, 
 from training.llama import Llama
 from training.mert import MertEncoder, read_mert_folder, to_hubert_state_dict
 from training.model import MullamaModel
-from training.state_dict import load_strict
+from training.state_dict import check_keys, load_strict
 from training.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -250,19 +250,23 @@ def open_sources(
     _check_cross_dims(config)
 
     llama = dict(parts["llama"])
-    expected = _expected_llama_keys(params, deltas)
+    shapes = _expected_llama_shapes(params, deltas)
+    expected = set(shapes)
     missing = expected - set(llama)
     if missing:
         base = _load_meta_shards(llama_dir, missing, expected, trust_pickle)
         _check_llama_dims(params, base, f"{llama_dir}/consolidated.*.pth")
         llama.update(base)
+    # Every consumer (reference model, GGUF writer) gets a complete, correctly shaped set: fail here,
+    # before any export work, naming what is missing, unexpected or mis-shaped.
+    check_keys(shapes, llama, what="LLaMA")
     mert = to_hubert_state_dict(parts["mert"] or _read_mert_weights(mert_dir, trust_pickle))
     return ModelSources(config, tokenizer, ckpt, llama, mert, parts["adapter"], prefix, llama_dir, mert_dir)
 
 
-def _expected_llama_keys(params: LlamaParams, deltas: DeltaDims) -> set[str]:
+def _expected_llama_shapes(params: LlamaParams, deltas: DeltaDims) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        return set(Llama(params, deltas).state_dict())
+        return {k: tuple(v.shape) for k, v in Llama(params, deltas).state_dict().items()}
 
 
 def load_reference(

@@ -1,0 +1,132 @@
+"""``mullama-export bundle`` / ``verify``: named errors for bad input, no half bundles, a failing verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.bundle import BundleOptions, build_bundle
+from mullama_sdk.errors import BundleError, CheckpointError, ConfigError
+
+ROOT = Path(__file__).parents[1]
+FAST = BundleOptions(quants=("f32",), encoder_precisions=("fp32",), verify_llm=False)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def _src_args(a) -> list[str]:
+    return ["--checkpoint", str(a.checkpoint), "--llama-dir", str(a.llama_dir), "--mert-dir", str(a.mert_dir)]
+
+
+def test_verify_passes_and_shows_llm_row(tiny_bundle, tiny_assets):
+    r = _cli("verify", str(tiny_bundle), *_src_args(tiny_assets), "--audio",
+             str(tiny_assets.audio["music_24k_mono.wav"]), "--checksums")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if "/" in line.split(" ")[0]}
+    assert {"encoder/fp32", "adapter/int8", "llm/f32", "llm/q4_k_m"} <= set(rows)
+    assert all("PASS" in line for line in rows.values())
+
+
+def test_verify_fails_against_another_checkpoint(tiny_bundle, tiny_assets, tmp_path):
+    raw = torch.load(tiny_assets.checkpoint, weights_only=False)
+    raw["model"]["mu_mert_proj.bias"] = raw["model"]["mu_mert_proj.bias"] + 0.5
+    other = tmp_path / "other.pth"
+    torch.save(raw, other)
+    args = _src_args(tiny_assets)
+    args[1] = str(other)
+    r = _cli("verify", str(tiny_bundle), *args, "--skip-llm")
+    assert r.returncode == 2
+    assert "FAIL" in r.stdout and "adapter/fp32" in r.stderr
+
+
+def test_bad_inputs_get_named_errors(tiny_assets, tmp_path):
+    raw = torch.load(tiny_assets.checkpoint, weights_only=False)
+    del raw["model"]["llama.layers.0.feed_forward.lora_w2_l1.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(raw, broken)
+    with pytest.raises(CheckpointError, match=r"lora_w2_l1"):
+        build_bundle(broken, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / "b1", options=FAST)
+
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny_assets.llama_dir, llama)
+    params = json.loads((llama / "params.json").read_text())
+    params["n_heads"] = 8
+    params["dim"] = 128
+    (llama / "params.json").write_text(json.dumps(params))
+    r = _cli("bundle", *_src_args(tiny_assets)[:2], "--llama-dir", str(llama), "--mert-dir",
+             str(tiny_assets.mert_dir), "--out", str(tmp_path / "b2"))
+    assert r.returncode == 2 and "tok_embeddings" in r.stderr and "Traceback" not in r.stderr
+
+    mert = tmp_path / "mert"
+    shutil.copytree(tiny_assets.mert_dir, mert)
+    cfg = json.loads((mert / "config.json").read_text())
+    cfg["feature_extractor_cqt"] = True
+    (mert / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="feature_extractor_cqt"):
+        build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, mert, tmp_path / "b3", options=FAST)
+    assert not any(p.name.startswith(("b1", "b2", "b3", ".b")) for p in tmp_path.iterdir())
+
+
+def test_output_folder_problems(tiny_assets, tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir,
+                     tmp_path / "no" / "such" / "b", options=FAST)
+    with pytest.raises(BundleError, match="cannot write the bundle"):
+        build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir,
+                     Path("/proc/mullama-bundle"), options=FAST)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(BundleError, match="already exists"):
+        build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / "exists",
+                     options=FAST)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_export_leaves_nothing(tiny_assets, tmp_path, monkeypatch, exc):
+    import export.gguf_export
+
+    def boom(*a, **k):
+        raise exc("interrupted")
+
+    monkeypatch.setattr(export.gguf_export, "write_gguf", boom)
+    with pytest.raises(exc):
+        build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / "b",
+                     options=FAST)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_verification_writes_no_bundle(tiny_assets, tmp_path, monkeypatch):
+    import export.verify
+
+    monkeypatch.setitem(export.verify.ONNX_TOLERANCES, ("encoder", "fp32"), (0.0, None))
+    with pytest.raises(BundleError, match="verification failed for encoder/fp32"):
+        build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / "b",
+                     options=FAST)
+    assert os.listdir(tmp_path) == []
+
+
+def test_own_training_checkpoint_exports(tiny_assets, reference_model, tmp_path):
+    from mullama_sdk import Captioner
+    from training.checkpoint_layout import module_to_published
+    from training.loading import save_checkpoint
+
+    state = module_to_published({k: v for k, v in reference_model.state_dict().items()
+                                 if not k.startswith("mert.") and "layers.0.attention.wq.weight" not in k})
+    state = {k: v for k, v in state.items() if "lora" in k or "bias" in k or "gate" in k or "norm" in k
+             or k.startswith("mu_mert_") or k == "prefix_query.weight"}
+    ckpt = tmp_path / "ours.pth"
+    save_checkpoint(ckpt, state, reference_model.config, stage="finetune", step=1)
+    out = build_bundle(ckpt, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / "ours.bundle", options=FAST)
+    clip = tiny_assets.audio["music_24k_mono.wav"]
+    with Captioner.from_pretrained(out, exact=True) as cap:
+        got = cap.caption(clip, max_new_tokens=16, temperature=0)
+    assert list(got.tokens) == reference_model.generate(clip, max_new_tokens=16, temperature=0).tokens
+    assert json.loads((out / "mullama.json").read_text())["source"]["kind"] == "mullama"
