@@ -138,7 +138,7 @@ def quantize_gguf(
     """
     import llama_cpp
 
-    from export.llamacpp_eval import route_llama_logs
+    from mullama_sdk.llm import route_llama_logs
 
     key = str(quant).lower()
     if key not in QUANTS:

@@ -24,9 +24,16 @@ _GGML_TYPE_F32 = 0
 # enum llama_flash_attn_type { AUTO = -1, DISABLED = 0, ENABLED = 1 }
 _FLASH_ATTN_DISABLED = 0
 
+# enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line)
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+native_log = logging.getLogger("llama_cpp.native")
+
 _init_lock = threading.Lock()
+_cb_lock = threading.Lock()
 _backend_ready = False
-_log_callback = None  # llama.cpp's log sink is process-wide; the ctypes callback must outlive every model
+# llama.cpp's log sink is process-wide; the ctypes callback must outlive every model (a collected
+# callback crashes the next log line), so it lives here for the life of the process.
+_log_state: dict = {"callback": None, "level": logging.DEBUG, "buffer": ""}
 
 
 def _llama_cpp():
@@ -37,36 +44,56 @@ def _llama_cpp():
     return llama_cpp
 
 
-def _ensure_backend() -> None:
-    """``llama_backend_init`` once per process, and llama.cpp's logging routed to :mod:`logging`."""
-    global _backend_ready, _log_callback
+def route_llama_logs() -> None:
+    """Send llama.cpp's log output to the ``llama_cpp.native`` logger instead of stderr (idempotent).
+
+    llama.cpp's INFO chatter becomes DEBUG; its warnings and errors keep their level.
+    """
+    lc = _llama_cpp()
     with _init_lock:
-        if _backend_ready:
+        if _log_state["callback"] is not None:
             return
-        lc = _llama_cpp()
-        lc.llama_backend_init()
-        llama_log = logging.getLogger("llama_cpp.native")
 
-        def sink(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            # ggml_log_level: 2 = WARN, 3 = ERROR; the rest (INFO/DEBUG/CONT) is chatter.
-            msg = text.decode("utf-8", "replace").rstrip()
-            if msg:
-                llama_log.log(logging.WARNING if level in (2, 3) else logging.DEBUG, "%s", msg)
+        def sink(level: int, text: bytes, _user) -> None:
+            # Called from llama.cpp's worker threads too (the quantizer's): keep lines whole.
+            with _cb_lock:
+                if level != 5:
+                    _log_state["level"] = _LOG_LEVELS.get(level, logging.DEBUG)
+                chunk = _log_state["buffer"] + (text or b"").decode("utf-8", "replace")
+                *lines, _log_state["buffer"] = chunk.split("\n")
+                lvl = _log_state["level"]
+            for line in lines:
+                if line.strip():
+                    native_log.log(lvl, "%s", line)
 
-        _log_callback = lc.llama_log_callback(sink)
-        lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        _backend_ready = True
+        _log_state["callback"] = lc.llama_log_callback(sink)
+        lc.llama_log_set(_log_state["callback"], ctypes.c_void_p(None))
+
+
+def _ensure_backend() -> None:
+    """``llama_backend_init`` once per process, with llama.cpp's logging routed to :mod:`logging`."""
+    global _backend_ready
+    route_llama_logs()
+    with _init_lock:
+        if not _backend_ready:
+            _llama_cpp().llama_backend_init()
+            _backend_ready = True
 
 
 class LlamaModel:
     """A loaded GGUF (weights + vocabulary). Shareable by several :class:`LlamaContext` objects."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, load_mode: int | None = None) -> None:
         _ensure_backend()
         self._lc = lc = _llama_cpp()
+        self._model = None
         self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"GGUF not found: {self.path}")
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if load_mode is not None:
+            params.load_mode = load_mode
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise BundleError(f"llama.cpp could not load {self.path.name} (see the llama_cpp.native log)")
@@ -79,42 +106,66 @@ class LlamaModel:
 
     @property
     def handle(self):
+        """The raw ``llama_model *``; using a closed model is a programming error, not a native crash."""
         if self._model is None:
-            raise MullamaError("the model is closed")
+            raise RuntimeError(f"the model {self.path.name} is closed")
         return self._model
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """llama.cpp's SentencePiece-compatible tokenization (specials in ``text`` are not parsed)."""
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (self._lc.llama_token * cap)()
-        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, False)
-        if n < 0:  # buffer too small: -n is the size needed
-            cap = -n
-            buf = (self._lc.llama_token * cap)()
-            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, False)
-        if n < 0:
-            raise MullamaError(f"llama.cpp failed to tokenize {len(data)} bytes of text")
-        return list(buf[:n])
+    @property
+    def vocab(self):
+        self.handle  # noqa: B018 - raises when closed
+        return self._vocab
 
-    def detokenize_bytes(self, tokens: Sequence[int]) -> bytes:
+    def tokenize(self, text: str, *, add_bos: bool = True, parse_special: bool = False) -> list[int]:
+        """llama.cpp's SentencePiece-compatible tokenization (special-token text stays text by default)."""
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        for _ in range(2):
+            buf = (self._lc.llama_token * cap)()
+            n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            if n == -(2**31):
+                break
+            cap = -n  # the buffer was too small: -n tokens are needed
+        raise MullamaError(f"llama.cpp failed to tokenize a text of {len(raw)} bytes")
+
+    def detokenize_bytes(self, tokens: Sequence[int], *, remove_special: bool = True,
+                         unparse_special: bool = False) -> bytes:
         """Bytes of ``tokens`` as SentencePiece decodes them (leading space of the first piece removed)."""
         if not tokens:
             return b""
-        arr = (self._lc.llama_token * len(tokens))(*tokens)
-        cap = 8 * len(tokens) + 16
-        while True:
+        arr = (self._lc.llama_token * len(tokens))(*[int(t) for t in tokens])
+        cap = 16 * len(tokens) + 16
+        for _ in range(2):
             buf = ctypes.create_string_buffer(cap)
-            n = self._lc.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, True, False)
+            n = self._lc.llama_detokenize(self.vocab, arr, len(tokens), buf, cap, remove_special, unparse_special)
             if n >= 0:
                 return buf.raw[:n]
-            cap = -n
+            cap = -n + 1
+        raise MullamaError(f"llama.cpp failed to detokenize {len(tokens)} tokens")
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.detokenize_bytes(tokens).decode("utf-8", "replace")
+    def detokenize(self, tokens: Sequence[int], **kw) -> str:
+        """Text of ``tokens``; invalid UTF-8 (split byte pieces) becomes U+FFFD."""
+        return self.detokenize_bytes(tokens, **kw).decode("utf-8", "replace")
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes one token contributes to text."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lc.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as llama.cpp renders it (arrays are skipped), or ``None``."""
+        buf = ctypes.create_string_buffer(4096)
+        n = self._lc.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._lc.llama_vocab_is_eog(self._vocab, token))
+        return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
 
     def close(self) -> None:
         if getattr(self, "_model", None):
@@ -130,7 +181,8 @@ class LlamaContext:
 
     Args:
         model: The loaded GGUF.
-        hook: A :class:`native_bridge.InjectionHook` (installed as ``cb_eval``; must outlive the context).
+        hook: A :class:`native_bridge.InjectionHook` (installed as ``cb_eval``; must outlive the
+            context), or ``None`` for plain llama.cpp.
         n_ctx: KV cells in total. With ``n_seq_max > 1`` the cache is unified (one stream), so the
             sequences share these cells and the hook's row order stays the batch order.
         exact: Flash attention off and an F32 KV cache: matches a float64 reference to ~1e-6, slower.
@@ -165,7 +217,8 @@ class LlamaContext:
         p.no_perf = True
         if exact:
             set_exact_arithmetic(p)
-        apply_to_context_params(p, hook)
+        if hook is not None:
+            apply_to_context_params(p, hook)
         self._abort_cb = lc.ggml_abort_callback(lambda _data: self._abort.is_set())
         p.abort_callback = self._abort_cb
         self._ctx = lc.llama_init_from_model(model.handle, p)
@@ -182,8 +235,13 @@ class LlamaContext:
         """Make the running (or next) ``llama_decode`` stop early; it then raises ``InterruptedError``."""
         self._abort.set()
 
+    def _check_open(self) -> None:
+        if self._ctx is None:
+            raise RuntimeError("the llama.cpp context is closed")
+
     def clear(self, seq_id: int = -1, keep: int = 0) -> None:
         """Forget KV cells: all of them, or those of ``seq_id`` from position ``keep`` on."""
+        self._check_open()
         if seq_id < 0 and keep == 0:
             self._lc.llama_memory_clear(self._mem, True)
         elif not self._lc.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
@@ -210,7 +268,11 @@ class LlamaContext:
             ContextLengthError: no KV space left for them.
             InterruptedError: :meth:`request_abort` was called.
         """
+        self._check_open()
         n = len(tokens)
+        bad = [t for t in tokens if not 0 <= int(t) < self.model.n_vocab]
+        if bad:
+            raise ValueError(f"token ids outside 0..{self.model.n_vocab - 1}: {bad[:5]}")
         out: list[np.ndarray] = []
         for start in range(0, n, self._batch_cap):
             end = min(n, start + self._batch_cap)
@@ -222,7 +284,7 @@ class LlamaContext:
                 b.seq_id[j][0] = seq_ids[i]
                 b.logits[j] = bool(want_logits[i])
             b.n_tokens = end - start
-            if row_clips is not None:
+            if row_clips is not None and self.hook is not None:
                 self.hook.set_row_clips(row_clips[start:end])
             rc = self._lc.llama_decode(self._ctx, b)
             if rc == 2:
