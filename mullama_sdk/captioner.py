@@ -131,6 +131,11 @@ class Captioner:
         self._kv_tokens: list[int] = []
         self._closed = False
 
+    @property
+    def n_ctx(self) -> int:
+        """Tokens (prompt + answer) one caption may use: llama.cpp may round the requested size up."""
+        return self._ctx.n_ctx
+
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
