@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints a table of variants measured side by side in one process."""
