@@ -1,0 +1,206 @@
+"""MERT encoder speed and fidelity: ONNX Runtime fp32 vs ORT int8 vs torch eager, at MERT-v1-330M shape.
+
+Launch:  .venv/bin/python bench/bench_encoder.py [--seconds 5 10 30 --reps 5 --threads 2 --no-adapter]
+
+A randomly initialised MERT-330M-shaped encoder (transformers' HubertModel: hidden 1024, 24 layers,
+16 heads, FFN 4096, 7 convs of 512 channels; the config is built here) is exported with
+:func:`export.onnx_export.export_encoder` and quantized with :func:`export.onnx_precision.quantize_int8`.
+One process, one waveform per length (synthesised music from the test assets, tiled), warm-up runs, then
+``--reps`` rounds; in each round, for every length (lengths in random order), the three backends
+encode it back to back in a random order. This VM is shared and its speed drifts, so the ratios are
+medians of the per-round *paired* ratios (measured seconds apart), not ratios of medians. Reported per
+length: median seconds, real-time factor (seconds of compute per second of audio), paired ratios and
+the spread of the rounds; and the fidelity of
+each ONNX variant to torch: cosine of the state means (rows) and of the music vector, i.e. the state
+means put through a random real-width music adapter (25 x 1024 -> 4096, 3 blocks of 16384) in torch.
+
+Random weights make no outlier features: the int8 fidelity seen here is an upper bound of what the
+trained MERT will show. Check it on the real checkpoint (compare_encoder) before shipping int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+# Backends take turns: a thread pool that keeps spinning after its call returns would steal the cores
+# from the next backend. OpenMP (torch) must be told before torch loads; ORT's pools are set below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from export.onnx_export import export_encoder  # noqa: E402
+from export.onnx_precision import quantize_int8  # noqa: E402
+from mullama_sdk.audio import load_audio  # noqa: E402
+from mullama_sdk.constants import SAMPLE_RATE_HZ  # noqa: E402
+from training.adapter import MusicAdapter  # noqa: E402
+from training.config import AdapterDims  # noqa: E402
+from training.mert import MertEncoder, hubert_config_from_mert  # noqa: E402
+
+#: MERT-v1-330M's architecture (spec section 1) as a MERT-style config.json.
+MERT_330M = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "conv_dim": [512] * 7,
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_bias": False,
+    "num_feat_extract_layers": 7,
+    "feat_extract_norm": "group",
+    "feat_extract_activation": "gelu",
+    "do_stable_layer_norm": True,
+    "feat_proj_layer_norm": True,
+    "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "gelu",
+    "hidden_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "feat_proj_dropout": 0.0,
+    "layerdrop": 0.0,
+    "feature_extractor_cqt": False,
+    "deepnorm": False,
+    "sample_rate": SAMPLE_RATE_HZ,
+}
+
+BACKENDS = ("torch", "ort-fp32", "ort-int8")
+
+
+def _waveform(seconds: float, tmp: Path) -> np.ndarray:
+    from tests.assets.make_assets import write_test_audio
+
+    clip = load_audio(write_test_audio(tmp / "audio")["music_24k_mono_10s.wav"])
+    n = round(seconds * SAMPLE_RATE_HZ)
+    return np.ascontiguousarray(np.tile(clip, -(-n // len(clip)))[:n])
+
+
+def _cos(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x, y = np.atleast_2d(x).astype(np.float64), np.atleast_2d(y).astype(np.float64)
+    return (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+
+
+def _spread(times: dict[tuple[str, float], list[float]], seconds: float) -> float:
+    return max((max(v) - min(v)) / statistics.median(v) for (b, s), v in times.items() if s == seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, nargs="+", default=[5.0, 10.0, 30.0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-adapter", action="store_true", help="skip the music-vector cosine (saves 3.2 GB)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    mert = MertEncoder(hubert_config_from_mert(MERT_330M, source="MERT-330M shape")).eval()
+    n_params = sum(p.numel() for p in mert.parameters())
+    print(f"random MERT-330M-shaped encoder: {n_params / 1e6:.0f} M parameters", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        fp32 = export_encoder(mert, tmp / "encoder.onnx")
+        t1 = time.perf_counter()
+        int8 = quantize_int8(fp32, tmp / "encoder.int8.onnx")
+        t2 = time.perf_counter()
+        print(f"export fp32 {t1 - t0:.0f} s ({fp32.stat().st_size / 2**20:.0f} MiB), "
+              f"int8 {t2 - t1:.0f} s ({int8.stat().st_size / 2**20:.0f} MiB)", flush=True)
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                    for name, p in (("ort-fp32", fp32), ("ort-int8", int8))}
+        waves = {s: _waveform(s, tmp) for s in args.seconds}
+
+        def run(backend: str, w: np.ndarray) -> np.ndarray:
+            if backend == "torch":
+                with torch.inference_mode():
+                    return mert(torch.from_numpy(w)[None])[0][0].numpy()
+            return sessions[backend].run(["state_means"], {"waveform": w[None]})[0]
+
+        outputs = {}
+        for s, w in waves.items():  # warm-up (allocator arenas, lazy init) and the outputs compared below
+            for b in BACKENDS:
+                outputs[(b, s)] = run(b, w)
+        times: dict[tuple[str, float], list[float]] = {(b, s): [] for b in BACKENDS for s in args.seconds}
+        rng = random.Random(args.seed)
+        for rep in range(args.reps):
+            for s in rng.sample(args.seconds, len(args.seconds)):
+                for b in rng.sample(BACKENDS, len(BACKENDS)):
+                    t = time.perf_counter()
+                    run(b, waves[s])
+                    times[(b, s)].append(time.perf_counter() - t)
+            print(f"round {rep + 1}/{args.reps} done", flush=True)
+
+        adapter = None
+        if not args.no_adapter:
+            adapter = MusicAdapter(AdapterDims(n_states=25, mert_dim=1024, dim=4096, n_blocks=3,
+                                               block_hidden=16384)).eval()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(num: str, den: str, s: float) -> float:
+        return statistics.median(a / b for a, b in zip(times[(num, s)], times[(den, s)]))
+
+    print()
+    print("median seconds per window (RTF = compute s / audio s); x torch = torch time / backend time,")
+    print("x fp32 = fp32 time / int8 time (medians of per-round paired ratios)")
+    head = (f"{'window':>7} | {'torch s':>8} {'RTF':>6} | {'fp32 s':>7} {'RTF':>6} {'x torch':>7} | "
+            f"{'int8 s':>7} {'RTF':>6} {'x torch':>7} {'x fp32':>6} | {'spread':>6}")
+    print(head)
+    print("-" * len(head))
+    for s in args.seconds:
+        tt, tf, ti = med[("torch", s)], med[("ort-fp32", s)], med[("ort-int8", s)]
+        print(f"{s:>6g}s | {tt:8.2f} {tt / s:6.3f} | {tf:7.2f} {tf / s:6.3f} {ratio('torch', 'ort-fp32', s):7.2f} | "
+              f"{ti:7.2f} {ti / s:6.3f} {ratio('torch', 'ort-int8', s):7.2f} "
+              f"{ratio('ort-fp32', 'ort-int8', s):6.2f} | {_spread(times, s):6.0%}")
+    print(f"(spread: largest (max - min) / median of the row's three backends over {args.reps} rounds; "
+          f"load average at the end {os.getloadavg()[0]:.1f})")
+
+    print()
+    print("fidelity vs torch: state means (25 rows) and music vector a (random real-width adapter)")
+    head = f"{'window':>7} {'backend':>9} | {'max rel':>8} {'cos min':>9} {'cos mean':>9} | {'cos(a)':>9}"
+    print(head)
+    print("-" * len(head))
+    for s in args.seconds:
+        ref = outputs[("torch", s)]
+        a_ref = None
+        if adapter is not None:
+            with torch.inference_mode():
+                a_ref = adapter(torch.from_numpy(ref)[None])[0].numpy()
+        for b in ("ort-fp32", "ort-int8"):
+            x = outputs[(b, s)]
+            rel = np.abs(x.astype(np.float64) - ref).max() / np.abs(ref).max()
+            c = _cos(x, ref)
+            ca = "-"
+            if adapter is not None:
+                with torch.inference_mode():
+                    a = adapter(torch.from_numpy(x)[None])[0].numpy()
+                ca = f"{_cos(a, a_ref)[0]:.6f}"
+            print(f"{s:>6g}s {b:>9} | {rel:8.2e} {c.min():9.6f} {c.mean():9.6f} | {ca:>9}")
+
+
+if __name__ == "__main__":
+    main()
