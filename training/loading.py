@@ -206,19 +206,21 @@ class ModelSources:
 
 
 def open_sources(
-    checkpoint: Path, llama_dir: Path, mert_dir: Path, *, trust_pickle: bool = False
+    checkpoint: Path | Checkpoint, llama_dir: Path, mert_dir: Path, *, trust_pickle: bool = False
 ) -> ModelSources:
     """Read configs, tokenizer and (memory-mapped) tensors; check that all dimensions agree.
 
     LLaMA tensors present in the checkpoint win over the Meta shards (trained norms replace the base
     ones); MERT weights come from the checkpoint's ``mert_model.*`` when present, else the MERT folder.
     Key sets are not checked here: :func:`training.state_dict.check_keys` does that against a model.
+    ``checkpoint`` may also be an in-memory :class:`Checkpoint` (training starts from freshly
+    initialised adapter tensors that were never written to a file).
 
     Raises:
         CheckpointError, ConfigError: see :func:`load_reference`.
     """
     llama_dir, mert_dir = Path(llama_dir), Path(mert_dir)
-    ckpt = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, trust_pickle=trust_pickle)
     parts = split_published(ckpt.model)
 
     tokenizer = Tokenizer(llama_dir / "tokenizer.model")
@@ -294,12 +296,10 @@ def load_reference(
     return build_model(src, dtype=dtype)
 
 
-def build_model(src: ModelSources, *, dtype: torch.dtype = torch.float32) -> MullamaModel:
-    """Materialise a :class:`MullamaModel` from :func:`open_sources`, one tensor at a time."""
+def _with_music_part(src: ModelSources) -> MullamaModel:
+    """A model on the ``meta`` device with its music part (MERT, adapter, prefix queries) loaded."""
     with torch.device("meta"):
         model = MullamaModel(src.config)
-    model.llama.to(dtype)
-    load_strict(model.llama, src.llama, what="LLaMA", assign=True)
     # MERT is small and its weight-norm parametrization does not survive meta construction: build it real.
     model.mert = MertEncoder(model.mert.hubert.config, do_normalize=src.config.mert_do_normalize)
     model.mert.load_weights(src.mert)
@@ -307,10 +307,18 @@ def build_model(src: ModelSources, *, dtype: torch.dtype = torch.float32) -> Mul
     load_strict(model.prefix_query, {"weight": src.prefix_query}, what="prefix query", assign=True)
     model.adapter.float()
     model.prefix_query.float()
+    model.tokenizer = src.tokenizer
+    return model
+
+
+def build_model(src: ModelSources, *, dtype: torch.dtype = torch.float32) -> MullamaModel:
+    """Materialise a :class:`MullamaModel` from :func:`open_sources`, one tensor at a time."""
+    model = _with_music_part(src)
+    model.llama.to(dtype)
+    load_strict(model.llama, src.llama, what="LLaMA", assign=True)
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise CheckpointError(f"no weights were loaded for {on_meta[:10]}")
-    model.tokenizer = src.tokenizer
     return model.eval()
 
 
@@ -321,14 +329,7 @@ def build_music_model(src: ModelSources) -> MullamaModel:
     :meth:`MullamaModel.music_query` and :meth:`MullamaModel.injection_vectors` at 7B size, which is
     what the ONNX export needs; running the LLM needs :func:`build_model`.
     """
-    with torch.device("meta"):
-        model = MullamaModel(src.config)
-    model.mert = MertEncoder(model.mert.hubert.config, do_normalize=src.config.mert_do_normalize)
-    model.mert.load_weights(src.mert)
-    load_strict(model.adapter, src.adapter, what="music adapter", assign=True)
-    load_strict(model.prefix_query, {"weight": src.prefix_query}, what="prefix query", assign=True)
-    model.adapter.float()
-    model.prefix_query.float()
+    model = _with_music_part(src)
     for layer in model.inject_layers:
         attn = model.llama.layers[layer].attention
         prefix = f"layers.{layer}.attention."
@@ -340,7 +341,6 @@ def build_music_model(src: ModelSources) -> MullamaModel:
             sd[k] = src.llama[prefix + k].float()
         attn.load_state_dict(sd, strict=False, assign=True)
         attn.float()
-    model.tokenizer = src.tokenizer
     return model.eval()
 
 
