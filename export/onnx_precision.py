@@ -25,6 +25,7 @@ state-means input), with ``x`` the candidate and ``y`` the reference, both in fl
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tempfile
@@ -130,17 +131,34 @@ def quantize_int8(
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.q.", dir=dst.parent) as tmp:
         staged = Path(tmp) / dst.name
-        quantize_dynamic(
-            str(src),
-            str(staged),
-            op_types_to_quantize=list(op_types),
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            weight_type=QuantType.QInt8,
-            use_external_data_format=True,  # whatever the size; save_onnx decides for the final file
-        )
+        # The quantizer logs a generic "consider pre-processing" advice on the ROOT logger at WARNING
+        # (shape inference is what it means; our graphs come out of the exporter fully shaped).
+        root = logging.getLogger()
+        advice = _DropMessage("pre-processing before quantization")
+        root.addFilter(advice)
+        try:
+            quantize_dynamic(
+                str(src),
+                str(staged),
+                op_types_to_quantize=list(op_types),
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,  # whatever the size; save_onnx decides for the final file
+            )
+        finally:
+            root.removeFilter(advice)
         model = onnx.load(str(staged))
     return _save_variant(model, src, dst, "int8", external_data)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
 
 
 def _drop_duplicate_nodes(graph: onnx.GraphProto) -> None:
