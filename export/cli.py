@@ -3,6 +3,7 @@
     mullama-export bundle --checkpoint CKPT --llama-dir DIR --mert-dir DIR --out BUNDLE
                           [--quant q4_k_m ...] [--encoder-precision int8 ...] [--audio FILE ...]
     mullama-export verify BUNDLE --checkpoint CKPT --llama-dir DIR --mert-dir DIR [--audio FILE ...]
+    mullama-export trt BUNDLE [--fp16] [--min-seconds 0.5 --opt-seconds 10 --max-seconds 30] [--workspace-gb N]
     mullama-export gguf ...      (LLaMA + deltas -> GGUF only; see --help)
     mullama-export quantize ...  (GGUF -> q8_0 / q4_k_m; see --help)
 """
@@ -48,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sources(v)
     v.add_argument("--skip-llm", action="store_true", help="only the ONNX graphs (no full torch model needed)")
     v.add_argument("--checksums", action="store_true", help="also hash every file against the manifest")
+    t = sub.add_parser("trt", help="add TensorRT engines (encoder + adapter) for this machine's NVIDIA GPU to a bundle")
+    t.add_argument("bundle", type=Path)
+    t.add_argument("--fp16", action="store_true", help="fp16 engines (default: fp32)")
+    t.add_argument("--min-seconds", type=float, default=0.5, help="shortest window of the profile (default 0.5)")
+    t.add_argument("--opt-seconds", type=float, default=10.0, help="window length TensorRT tunes for (default 10)")
+    t.add_argument("--max-seconds", type=float, default=30.0, help="longest window of the profile (default 30)")
+    t.add_argument("--workspace-gb", type=float, default=None,
+                   help="builder workspace limit in GiB (default: TensorRT's, the GPU's memory)")
+    t.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the verification")
+    t.add_argument("--no-strict", action="store_true", help="add the engines even if the verification fails")
     g = sub.add_parser("gguf", help="LLaMA + merged deltas -> GGUF only", add_help=False)
     g.add_argument("args", nargs=argparse.REMAINDER)
     q = sub.add_parser("quantize", help="quantize a GGUF with llama.cpp's quantizer", add_help=False)
@@ -59,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("llama_cpp.native").setLevel(logging.ERROR)
+    # torch.onnx's exporter warns once per torchvision op it cannot register; we export no vision ops.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     try:
         if args.command == "gguf":
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return quantize_main(args.args)
         if args.command == "bundle":
             return _bundle(args, say)
+        if args.command == "trt":
+            return _trt(args, say)
         return _verify(args, say)
     except MullamaError as e:
         print(f"mullama-export: error: {e}", file=sys.stderr)
@@ -95,8 +110,18 @@ def _bundle(args, say) -> int:
     return 0
 
 
+def _trt(args, say) -> int:
+    from export.trt import TrtBuildOptions, build_bundle_engines, waveform_profile
+
+    options = TrtBuildOptions(precision="fp16" if args.fp16 else "fp32",
+                              profile=waveform_profile(args.min_seconds, args.opt_seconds, args.max_seconds),
+                              workspace_gb=args.workspace_gb, strict=not args.no_strict)
+    build_bundle_engines(args.bundle, options, threads=args.threads, progress=say)
+    return 0
+
+
 def _verify(args, say) -> int:
-    from export.verify import check_windows, format_table, llm_checks, onnx_checks
+    from export.verify import check_windows, format_table, llm_checks, onnx_checks, trt_checks
     from mullama_sdk.bundle import check_files, load_manifest
     from training.loading import build_model, build_music_model, open_sources
 
@@ -109,8 +134,9 @@ def _verify(args, say) -> int:
     checks = onnx_checks(model, args.bundle, manifest, windows, threads=args.threads)
     if not args.skip_llm:
         checks += llm_checks(model, args.bundle, manifest, windows, threads=args.threads)
+    checks += trt_checks(args.bundle, manifest, audio_files=args.audio, threads=args.threads)
     print(format_table(checks))
-    failed = [c.name for c in checks if not c.passed]
+    failed = [c.name for c in checks if not c.passed and not c.skipped]
     if failed:
         print(f"mullama-export: verification FAILED: {', '.join(failed)}", file=sys.stderr)
         return 2
