@@ -3,7 +3,10 @@
 Rows compare one stage with the one before it:
 * ``encoder/<precision>`` and ``adapter/<precision>``: ONNX Runtime vs the torch reference;
 * ``llm/<quant>``: llama.cpp logits of the MU-LLaMA prompt, with the music injected by our hook
-  (vectors from the torch reference, so only llama.cpp is under test), vs the torch reference.
+  (vectors from the torch reference, so only llama.cpp is under test), vs the torch reference;
+* ``trt-encoder/<precision>`` and ``trt-adapter/<precision>``: TensorRT engines vs ONNX Runtime fp32
+  (CPU) on the same inputs (the adapter on the ORT encoder's means, so each engine is judged alone).
+  Without tensorrt / a GPU / compatible engines these rows are ``SKIP`` with the reason.
 
 f32 rows run llama.cpp with exact arithmetic (no flash attention, F32 KV cache); quantized rows are
 reported (max error, top-1 agreement) with a loose bound that only catches broken files.
@@ -34,6 +37,8 @@ ONNX_TOLERANCES: dict[tuple[str, str], tuple[float | None, float | None]] = {
 }
 #: Max |Δ logits| per GGUF type. f32 is the exactness claim; the others only catch broken files.
 LLM_TOLERANCES = {"f32": 1e-3, "f16": 5e-2, "q8_0": 1.0, "q4_k_m": 4.0}
+#: Max relative error of TensorRT engines against ONNX Runtime fp32, per engine precision.
+TRT_TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
 
 #: Longest window used for checks (the graphs accept 30 s; 10 s keeps verify quick).
 _CHECK_WINDOW_SECONDS = 10.0
@@ -50,6 +55,8 @@ class Check:
     tolerance: str
     passed: bool
     note: str = ""
+    #: Not run here (``note`` says why); a skipped row does not fail ``verify``.
+    skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,6 +188,108 @@ def format_table(checks: Sequence[Check]) -> str:
     lines = [head, "-" * len(head)]
     for c in checks:
         cos = "-" if c.min_cosine is None else f"{c.min_cosine:.5f}"
+        result = "SKIP" if c.skipped else "PASS" if c.passed else "FAIL"
         lines.append(f"{c.name:<16} {c.max_abs:>10.3g} {c.max_rel:>10.3g} {cos:>9}  {c.tolerance:<34} "
-                     f"{'PASS' if c.passed else 'FAIL':<6}  {c.note}")
+                     f"{result:<6}  {c.note}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ TensorRT
+def trt_check_windows(profile, audio_files: Sequence[Path] = ()) -> list[np.ndarray]:
+    """Windows for the TensorRT rows: the check windows inside ``profile`` plus its min and max lengths."""
+    windows = [w for w in check_windows(audio_files) if profile.contains(len(w))]
+    base = np.concatenate(synthetic_clips())
+    for n in (profile.min, profile.max):
+        if not any(len(w) == n for w in windows):
+            windows.append(np.ascontiguousarray(np.tile(base, -(-n // len(base)))[:n]))
+    return windows
+
+
+def compare_trt(encoder_engine: Path, adapter_engine: Path, encoder_onnx: Path, adapter_onnx: Path,
+                windows: Sequence[np.ndarray], *, precision: str, threads: int | None = None) -> list[Check]:
+    """TensorRT engines against ONNX Runtime fp32 (CPU provider) on the windows inside the engine's profile.
+
+    The adapter engine gets the ORT encoder's frame-weighted means, as does the ORT adapter.
+    """
+    from export.onnx_precision import _report, _run, _session
+    from mullama_sdk.encoder_trt import TensorRTMusicEncoder
+
+    tol = TRT_TOLERANCES[precision]
+    enc = TensorRTMusicEncoder(encoder_engine, adapter_engine)  # no fallback: only in-profile windows
+    try:
+        used = [w for w in windows if enc.profile.contains(len(w))]
+        if not used:
+            raise ValueError(f"no check window lies inside the engine's profile {enc.profile}")
+        ort_enc, ort_ad = _session(encoder_onnx, threads), _session(adapter_onnx, threads)
+        refs, outs = [], []
+        for w in used:
+            w = np.ascontiguousarray(w, np.float32)
+            refs.append(_run(ort_enc, {"waveform": w[None]}))
+            means, frames = enc.window_means(w)
+            outs.append({"state_means": means, "n_frames": np.asarray(frames, np.int64)})
+        enc_report = _report("encoder", Path(encoder_engine).name, Path(encoder_onnx).name, refs, outs)
+        total = sum(int(r["n_frames"]) for r in refs)
+        mixed = sum(r["state_means"].astype(np.float64) * int(r["n_frames"]) for r in refs) / total
+        feeds = [r["state_means"] for r in refs] + [mixed.astype(np.float32)]
+        ad_refs = [_run(ort_ad, {"state_means": h}) for h in feeds]
+        ad_outs = []
+        for h in feeds:
+            injection, query = enc.adapt(h)
+            ad_outs.append({"injection": injection, "music_query": query})
+        ad_report = _report("adapter", Path(adapter_engine).name, Path(adapter_onnx).name, ad_refs, ad_outs)
+    finally:
+        enc.close()
+    rows = []
+    for graph, report in (("encoder", enc_report), ("adapter", ad_report)):
+        main = report["state_means" if graph == "encoder" else "injection"]
+        rel = max(o.max_rel for o in report.outputs)
+        ok = rel <= tol
+        parts = [f"rel <= {tol:g} vs ORT fp32"]
+        if graph == "encoder":
+            ok &= report["n_frames"].max_abs == 0
+            parts.append("frames equal")
+        skipped = len(windows) - len(used)
+        note = f"{report.n_cases} inputs" + (f" ({skipped} outside the profile)" if graph == "encoder" and skipped
+                                              else "")
+        rows.append(Check(f"trt-{graph}/{precision}", max(o.max_abs for o in report.outputs), rel,
+                          main.min_cosine, ", ".join(parts), bool(ok), note))
+    return rows
+
+
+def _skipped(precision: str, reason: str) -> list[Check]:
+    return [Check(f"trt-{g}/{precision}", 0.0, 0.0, None, f"rel <= {TRT_TOLERANCES[precision]:g} vs ORT fp32",
+                  False, f"skipped: {reason}", skipped=True) for g in ("encoder", "adapter")]
+
+
+def trt_checks(bundle_dir: Path, manifest: Manifest, *, audio_files: Sequence[Path] = (),
+               precisions: Iterable[str] | None = None, threads: int | None = None) -> list[Check]:
+    """Rows for every TensorRT engine pair of the bundle; ``SKIP`` rows (with the reason) where they cannot run.
+
+    Args:
+        audio_files: Extra clips (see :func:`trt_check_windows`).
+        precisions: Engine precisions to check (default: all in the manifest).
+    """
+    from mullama_sdk.encoder_trt import cuda_device, engine_incompatibility, tensorrt_version
+    from mullama_sdk.errors import BackendUnavailableError
+
+    precisions = [p for p in (precisions or manifest.trt) if p in manifest.trt]
+    if not precisions:
+        return []
+    if "fp32" not in manifest.encoder or "fp32" not in manifest.adapter:
+        return [row for p in precisions for row in _skipped(p, "the bundle has no fp32 ONNX graphs to compare with")]
+    try:
+        version, gpu = tensorrt_version(), cuda_device()
+    except BackendUnavailableError as e:
+        return [row for p in precisions for row in _skipped(p, str(e))]
+    rows = []
+    for p in precisions:
+        entry = manifest.trt[p]
+        why = engine_incompatibility(entry, tensorrt_version=version, gpu=gpu)
+        if why is not None:
+            rows += _skipped(p, why)
+            continue
+        rows += compare_trt(safe_member(bundle_dir, entry.encoder), safe_member(bundle_dir, entry.adapter),
+                            safe_member(bundle_dir, manifest.encoder["fp32"]),
+                            safe_member(bundle_dir, manifest.adapter["fp32"]),
+                            trt_check_windows(entry.profile, audio_files), precision=p, threads=threads)
+    return rows

@@ -63,6 +63,9 @@ _INT_FORMATS: dict[tuple[str, int], tuple[int, float]] = {
 }
 _VALID_DTYPES = "float16, float32, float64, int8, int16, int32 or uint8"
 
+#: Frames :func:`decode` reads per block (allocation never depends on what a file header claims).
+DECODE_BLOCK_FRAMES = 1 << 18
+
 
 def seconds(n_samples: int) -> float:
     """Duration in seconds of ``n_samples`` samples at :data:`SAMPLE_RATE_HZ`."""
@@ -109,7 +112,10 @@ def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarra
             )
         frames, rate = decode(source)
     _check_finite(frames, name)
-    return downmix(resample(frames, rate, name=name))
+    with np.errstate(over="ignore", invalid="ignore"):  # reported by _check_range
+        wave = downmix(resample(frames, rate, name=name))
+    _check_range(wave, frames, name)
+    return wave
 
 
 def decode(
@@ -151,13 +157,25 @@ def decode(
     try:
         with soundfile.SoundFile(file) as f:
             rate = f.samplerate
-            frames = f.read(dtype="float32", always_2d=True)
+            # Block by block: a corrupt header may announce far more frames than the file holds, and
+            # soundfile allocates whatever is announced up front (32 GiB for a 30 kB FLAC seen by the fuzzer).
+            blocks = []
+            while True:
+                block = f.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if block.shape[0]:
+                    blocks.append(block)
+                if block.shape[0] < DECODE_BLOCK_FRAMES:
+                    break
+            frames = np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         formats = ", ".join(sorted(soundfile.available_formats()))
         raise AudioError(
             f"cannot decode {name}: {str(exc).rstrip('.')}. libsndfile {soundfile.__libsndfile_version__} reads "
             f"these formats: {formats}"
         ) from exc
+    except MemoryError as exc:
+        raise AudioError(f"{name} is too large to decode in memory; captioning streams files longer than "
+                         f"{STREAM_ABOVE_SECONDS:g} s block by block") from exc
     check_sample_rate(rate, name)
     if frames.shape[1] == 0:
         raise AudioError(f"{name} has 0 channels")
@@ -195,7 +213,12 @@ def to_float32(samples: np.ndarray, name: str = "audio array") -> np.ndarray:
         )
     kind, size = x.dtype.kind, x.dtype.itemsize
     if kind == "f":
-        return np.ascontiguousarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(x, dtype=np.float32)
+        if size > 4 and np.isinf(out).any() and np.isfinite(x).all():
+            raise AudioError(f"{name} holds sample values up to {float(np.abs(x).max()):.3g}, beyond the float32 "
+                             f"range; audio samples are expected in [-1, 1]")
+        return out
     if (kind, size) in _INT_FORMATS:
         offset, scale = _INT_FORMATS[kind, size]
         out = x.astype(np.float32)  # exact for 8/16-bit; rounds int32 to float32 as soundfile does
@@ -319,9 +342,10 @@ def iter_windows(
     """Yield ``(start, stop, window)`` encoder windows (24 kHz mono float32) of a clip, in order.
 
     Short sources are loaded whole (:func:`load_audio`) and split by :func:`window_bounds`. Files
-    longer than :data:`STREAM_ABOVE_SECONDS` are decoded, resampled (soxr's streaming resampler) and
-    down-mixed block by block, so memory stays at about one window whatever the duration; the window
-    plan is made from the announced length and the last window absorbs any few-sample difference.
+    (paths, bytes or seekable file objects) longer than :data:`STREAM_ABOVE_SECONDS` are decoded,
+    resampled (soxr's streaming resampler) and down-mixed block by block, so memory stays at about one
+    window whatever the duration; the window plan is made from the announced length and the last
+    window absorbs any few-sample difference (or what is left when the file is shorter than announced).
 
     Raises:
         AudioError: as :func:`load_audio`; also for NaN/Inf found while streaming.
@@ -334,9 +358,11 @@ def iter_windows(
         for start, stop in window_bounds(len(wave), max_window_samples=max_n, min_window_samples=min_n):
             yield start, stop, wave[start:stop]
         return
-    path, rate, n_frames, channels = info
+    file, rate, n_frames, channels = info
     expected = int(round(n_frames * SAMPLE_RATE_HZ / rate))
-    plan = window_bounds(expected, max_window_samples=max_n, min_window_samples=min_n)
+    # window_bounds' plan, computed per window: a corrupt header may announce years of audio.
+    n_windows = -(-expected // max_n)
+    base, extra = divmod(expected, n_windows)
     name = _describe(source)
     stream = None if rate == SAMPLE_RATE_HZ else soxr.ResampleStream(
         rate, SAMPLE_RATE_HZ, channels, dtype="float32", quality=RESAMPLE_QUALITY)
@@ -345,20 +371,23 @@ def iter_windows(
     emitted = 0
     index = 0
     try:
-        with soundfile.SoundFile(path) as f:
+        with soundfile.SoundFile(file) as f:
             block = max(1, int(STREAM_BLOCK_SECONDS * rate))
+            n_read = 0
             while True:
                 frames = f.read(block, dtype="float32", always_2d=True)
                 last = frames.shape[0] < block
-                _check_finite(frames, name)
+                _check_finite(frames, name, offset=n_read)
+                n_read += frames.shape[0]
                 if stream is not None:
                     frames = stream.resample_chunk(frames, last=last)
                 if frames.shape[0]:
-                    pending.append(downmix(frames))
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        pending.append(downmix(frames))
+                    _check_range(pending[-1], frames, name)
                     n_pending += frames.shape[0]
                 # Emit every planned window that is complete; the final one waits for the end of file.
-                while index < len(plan) - 1 and n_pending >= plan[index][1] - plan[index][0]:
-                    size = plan[index][1] - plan[index][0]
+                while index < n_windows - 1 and n_pending >= (size := base + (index < extra)):
                     joined = np.concatenate(pending)
                     yield emitted, emitted + size, joined[:size]
                     pending, n_pending = [joined[size:]], n_pending - size
@@ -366,7 +395,7 @@ def iter_windows(
                     index += 1
                 if last:
                     break
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(f"cannot decode {name}: {str(exc).rstrip('.')}") from exc
     tail = np.concatenate(pending) if pending else np.zeros(0, np.float32)
     if len(tail) < min_n:
@@ -375,31 +404,54 @@ def iter_windows(
     yield emitted, emitted + len(tail), tail
 
 
-def _stream_info(source: AudioSource) -> tuple[str, int, int, int] | None:
-    """(path, rate, frames, channels) when ``source`` is a file long enough to stream, else None."""
-    if not isinstance(source, (str, os.PathLike)):
+def _stream_info(source: AudioSource) -> tuple[str | BinaryIO, int, int, int] | None:
+    """(file, rate, frames, channels) when ``source`` is a file long enough to stream, else None.
+
+    ``file`` is a path or a file object positioned where ``source`` was (bytes are wrapped).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        file: str | BinaryIO = os.fsdecode(os.fspath(source))
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        file = io.BytesIO(source)
+    elif hasattr(source, "read") and not isinstance(source, io.TextIOBase):
+        file = source
+    else:
         return None
-    path = os.fsdecode(os.fspath(source))
     try:
-        info = soundfile.info(path)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
-        return None  # load_audio gives the typed error
-    if info.frames <= 0 or info.channels <= 0 or info.samplerate <= 0:
+        start = None if isinstance(file, str) else file.tell()
+        try:
+            with soundfile.SoundFile(file) as f:
+                rate, n_frames, channels = f.samplerate, f.frames, f.channels
+        finally:
+            if start is not None:
+                file.seek(start)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, AttributeError):
+        return None  # load_audio gives the typed error (or reads an unseekable file object whole)
+    if n_frames <= 0 or channels <= 0 or rate <= 0:
         return None
-    if info.frames / info.samplerate <= STREAM_ABOVE_SECONDS:
+    if n_frames / rate <= STREAM_ABOVE_SECONDS:
         return None
-    check_sample_rate(info.samplerate, path)
-    return path, info.samplerate, info.frames, info.channels
+    check_sample_rate(rate, _describe(source))
+    return file, rate, n_frames, channels
 
 
-def _check_finite(frames: np.ndarray, name: str) -> None:
+def _check_finite(frames: np.ndarray, name: str, *, offset: int = 0) -> None:
     finite = np.isfinite(frames)
     if not finite.all():
-        frame = int(np.argmin(finite.all(axis=1)))
+        frame = offset + int(np.argmin(finite.all(axis=1)))
         n_bad = int(finite.size - np.count_nonzero(finite))
         raise AudioError(
             f"{name} contains {n_bad} NaN or infinite sample value(s), the first at frame {frame}; "
             f"audio samples must be finite numbers"
+        )
+
+
+def _check_range(wave: np.ndarray, frames: np.ndarray, name: str) -> None:
+    """Finite samples so large (|x| ~ 1e38) that resampling or averaging overflowed float32."""
+    if not np.isfinite(wave).all():
+        raise AudioError(
+            f"{name} holds sample values up to {float(np.abs(frames).max()):.3g}, too large to resample or "
+            f"average in float32; audio samples are expected in [-1, 1]"
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,6 +22,8 @@ BUNDLE_FORMAT_VERSION = 1
 
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
 LLM_QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+#: Precisions of TensorRT engines (``mullama-export trt``); int8 would need Q/DQ nodes in the graph.
+TRT_PRECISIONS = ("fp32", "fp16")
 
 #: ONNX graph interfaces (input and output names) the runtime relies on.
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("waveform",), ("state_means", "n_frames")
@@ -49,6 +52,64 @@ class Dims:
 
 
 @dataclasses.dataclass(frozen=True)
+class WaveformProfile:
+    """A TensorRT optimization profile of the encoder input ``waveform (1, n_samples)``, in samples.
+
+    The engine accepts ``min <= n_samples <= max`` and is tuned for ``opt``.
+    """
+
+    min: int
+    opt: int
+    max: int
+
+    def contains(self, n_samples: int) -> bool:
+        return self.min <= n_samples <= self.max
+
+    def seconds(self, sample_rate: int) -> str:
+        return f"{self.min / sample_rate:g}..{self.max / sample_rate:g} s (opt {self.opt / sample_rate:g} s)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtEngines:
+    """One pair of TensorRT engines (encoder + adapter) from the manifest's optional ``trt`` section.
+
+    Serialized engines only run with the TensorRT release and the GPU architecture they were built
+    for, so both are recorded (see :func:`mullama_sdk.encoder_trt.engine_incompatibility`).
+
+    Attributes:
+        precision: ``fp32`` or ``fp16``.
+        encoder, adapter: Engine file names (listed under ``files``).
+        tensorrt_version: ``tensorrt.__version__`` of the build (e.g. ``"10.13.0.35"``).
+        gpu_name: Name of the GPU the engines were built on.
+        compute_capability: Its compute capability, ``"major.minor"`` (e.g. ``"8.6"``).
+        profile: The encoder's waveform-length profile.
+        build_seconds: Wall time of the build.
+        built: UTC time stamp of the build.
+        workspace_gb: Builder workspace limit, ``None`` = TensorRT's default (the GPU's memory).
+    """
+
+    precision: str
+    encoder: str
+    adapter: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    profile: WaveformProfile
+    build_seconds: float
+    built: str = ""
+    workspace_gb: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest form (inverse of the parser)."""
+        return {
+            "encoder": self.encoder, "adapter": self.adapter, "tensorrt_version": self.tensorrt_version,
+            "gpu": {"name": self.gpu_name, "compute_capability": self.compute_capability},
+            "profile": {"waveform": dataclasses.asdict(self.profile)},
+            "build_seconds": self.build_seconds, "built": self.built, "workspace_gb": self.workspace_gb,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """Parsed ``mullama.json``. File names are relative to the bundle folder."""
 
@@ -72,6 +133,8 @@ class Manifest:
     versions: dict[str, str]
     verification: dict[str, Any]
     notes: tuple[str, ...] = ()
+    #: TensorRT engines by precision (optional ``trt`` section, written by ``mullama-export trt``).
+    trt: dict[str, TrtEngines] = dataclasses.field(default_factory=dict)
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +143,7 @@ class Manifest:
         d["format"] = BUNDLE_FORMAT
         d["inject_layers"] = list(self.inject_layers)
         d["notes"] = list(self.notes)
+        d["trt"] = {k: v.to_dict() for k, v in self.trt.items()}
         return {"format": BUNDLE_FORMAT, **{k: v for k, v in d.items() if k != "format"}}
 
 
@@ -166,13 +230,18 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         raise BundleError(f"{where}: default_quant {default_quant!r} has no GGUF file")
     audio = _need(raw, "audio", dict, where)
     prompt = _need(raw, "prompt", dict, where)
+    sample_rate = int(_need(audio, "sample_rate", int, f"{where} audio"))
+    min_window = float(_need(audio, "min_window_seconds", (int, float), f"{where} audio"))
+    max_window = float(_need(audio, "max_window_seconds", (int, float), f"{where} audio"))
+    trt = parse_trt_section(raw.get("trt", {}), files, where=where,
+                            samples=(round(min_window * sample_rate), round(max_window * sample_rate)))
     return Manifest(
         format_version=version,
         dims=dims,
         inject_layers=inject,
-        sample_rate=int(_need(audio, "sample_rate", int, f"{where} audio")),
-        min_window_seconds=float(_need(audio, "min_window_seconds", (int, float), f"{where} audio")),
-        max_window_seconds=float(_need(audio, "max_window_seconds", (int, float), f"{where} audio")),
+        sample_rate=sample_rate,
+        min_window_seconds=min_window,
+        max_window_seconds=max_window,
         prompt_template=_need(prompt, "template", str, f"{where} prompt"),
         default_question=_need(prompt, "default_question", str, f"{where} prompt"),
         bos_id=int(_need(prompt, "bos_id", int, f"{where} prompt")),
@@ -187,8 +256,68 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         versions={str(k): str(v) for k, v in raw.get("versions", {}).items()},
         verification=dict(raw.get("verification", {})),
         notes=tuple(str(n) for n in raw.get("notes", [])),
+        trt=trt,
         raw=raw,
     )
+
+
+_COMPUTE_CAPABILITY = re.compile(r"^[0-9]+\.[0-9]+$")
+
+
+def parse_trt_section(section: Any, files: dict[str, FileEntry], *, where: str = MANIFEST_NAME,
+                      samples: tuple[int, int] | None = None) -> dict[str, TrtEngines]:
+    """Check the optional ``trt`` section: ``{precision: {encoder, adapter, tensorrt_version, gpu, profile, ...}}``.
+
+    Args:
+        section: ``raw["trt"]`` (``{}`` when the bundle has no engines).
+        files: The manifest's file table; every engine must be listed there.
+        samples: ``(min, max)`` waveform lengths the encoder graph accepts; the profile must lie inside.
+
+    Raises:
+        BundleError: naming the first problem.
+    """
+    if not isinstance(section, dict):
+        raise BundleError(f"{where}: field 'trt' has type {type(section).__name__}, expected an object")
+    out = {}
+    for precision, entry in section.items():
+        at = f"{where} trt[{precision!r}]"
+        if precision not in TRT_PRECISIONS:
+            raise BundleError(f"{where}: trt precision {precision!r} is unknown (valid: {', '.join(TRT_PRECISIONS)})")
+        if not isinstance(entry, dict):
+            raise BundleError(f"{at} must be an object")
+        names = {}
+        for graph in ("encoder", "adapter"):
+            name = _need(entry, graph, str, at)
+            if name not in files:
+                raise BundleError(f"{at}: {graph} engine {name!r} is not listed under 'files'")
+            names[graph] = name
+        version = _need(entry, "tensorrt_version", str, at)
+        if not re.match(r"^[0-9]+\.[0-9]+", version):
+            raise BundleError(f"{at}: tensorrt_version {version!r} is not a version like '10.13.0.35'")
+        gpu = _need(entry, "gpu", dict, at)
+        cc = _need(gpu, "compute_capability", str, f"{at} gpu")
+        if not _COMPUTE_CAPABILITY.match(cc):
+            raise BundleError(f"{at}: gpu compute_capability {cc!r} is not 'major.minor' (e.g. '8.6')")
+        prof_raw = _need(_need(entry, "profile", dict, at), "waveform", dict, f"{at} profile")
+        profile = WaveformProfile(*(int(_need(prof_raw, k, int, f"{at} profile.waveform"))
+                                    for k in ("min", "opt", "max")))
+        if not 0 < profile.min <= profile.opt <= profile.max:
+            raise BundleError(f"{at}: profile {dataclasses.asdict(profile)} must have 0 < min <= opt <= max")
+        if samples is not None and not (samples[0] <= profile.min and profile.max <= samples[1]):
+            raise BundleError(f"{at}: profile {dataclasses.asdict(profile)} lies outside the encoder's "
+                              f"{samples[0]}..{samples[1]} samples")
+        build_seconds = float(_need(entry, "build_seconds", (int, float), at))
+        workspace = entry.get("workspace_gb")
+        if workspace is not None and (not isinstance(workspace, (int, float)) or isinstance(workspace, bool)
+                                      or workspace <= 0):
+            raise BundleError(f"{at}: workspace_gb must be a positive number or null, got {workspace!r}")
+        out[precision] = TrtEngines(
+            precision=precision, encoder=names["encoder"], adapter=names["adapter"], tensorrt_version=version,
+            gpu_name=str(_need(gpu, "name", str, f"{at} gpu")), compute_capability=cc, profile=profile,
+            build_seconds=build_seconds, built=str(entry.get("built", "")),
+            workspace_gb=None if workspace is None else float(workspace),
+        )
+    return out
 
 
 def load_manifest(bundle_dir: Path) -> Manifest:

@@ -152,12 +152,16 @@ class Captioner:
         exact: bool = False,
         hook_backend: str = "auto",
         max_window_seconds: float | None = None,
+        encoder_backend: str = "auto",
     ) -> Captioner:
         """Validate a bundle folder, then load its encoder, adapter and LLM.
 
         Args:
             bundle: Folder written by ``mullama-export bundle``.
-            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+            device: ``"auto"`` (the GPU when one is usable, else CPU), ``"cpu"`` or ``"cuda"``. On a GPU the
+                encoder runs on the bundle's TensorRT engines when they are compatible, else on ONNX
+                Runtime's CUDA provider; ``"cuda"`` without either falls back to the CPU with a logged
+                warning (see :mod:`mullama_sdk.encoder_backend`).
             n_threads: CPU threads for ONNX Runtime and llama.cpp (default: theirs).
             n_ctx: KV-cache tokens per sequence (prompt + answer must fit).
             encoder_precision: ``fp32``, ``fp16`` or ``int8``; default from the manifest (fp16 on CUDA
@@ -170,21 +174,23 @@ class Captioner:
                 reference to ~1e-6; slower). For tests and ``verify``.
             hook_backend: ``"auto"``, ``"native"`` (C) or ``"python"`` (slower fallback).
             max_window_seconds: Longest window the encoder sees (default: the bundle's, 30 s).
+            encoder_backend: ``"auto"``, ``"tensorrt"`` (engines from ``mullama-export trt``; raises
+                BackendUnavailableError with the reason when they cannot run here) or ``"onnxruntime"``.
 
         Raises:
             BundleError: missing/corrupt files, dims that disagree, unknown variants.
             BackendUnavailableError: ONNX Runtime / CUDA / the hook cannot run here.
         """
-        from mullama_sdk.encoder import OnnxMusicEncoder, choose_providers
+        from mullama_sdk.encoder_backend import choose_encoder_backend, open_encoder
         from mullama_sdk.llm import LlamaModel
         from native_bridge import InjectionHook
 
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
-        providers = choose_providers(device)
-        on_gpu = providers[0] != "CPUExecutionProvider"
-        precision = encoder_precision or ("fp16" if on_gpu and "fp16" in manifest.encoder
-                                          else manifest.default_encoder_precision)
+        choice = choose_encoder_backend(manifest, device=device, encoder_backend=encoder_backend,
+                                        encoder_precision=encoder_precision)
+        on_gpu = choice.on_gpu
+        precision = choice.onnx_precision
         quant = quant or manifest.default_quant
         for name, value, options, allowed in (("encoder_precision", precision, manifest.encoder, ENCODER_PRECISIONS),
                                               ("quant", quant, manifest.llm, LLM_QUANTS)):
@@ -196,17 +202,12 @@ class Captioner:
             raise ValueError(f"n_ctx must be at least 16 tokens, got {n_ctx}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        files = [manifest.encoder[precision], manifest.adapter[precision], manifest.llm[quant]]
-        files += [f for f in manifest.files if f.endswith(".data") and any(f.startswith(x) for x in files)]
+        files = choice.files(manifest) + [manifest.llm[quant]]
         check_files(bundle_dir, manifest, files, sha256=verify_checksums)
         gguf_path = safe_member(bundle_dir, manifest.llm[quant])
         check_gguf_dims(gguf_path, manifest)
 
-        encoder = OnnxMusicEncoder(
-            safe_member(bundle_dir, manifest.encoder[precision]),
-            safe_member(bundle_dir, manifest.adapter[precision]),
-            providers=providers, n_threads=n_threads,
-        )
+        encoder = open_encoder(choice, bundle_dir, manifest, n_threads=n_threads)
         model = LlamaModel(gguf_path, n_gpu_layers=999 if on_gpu else 0)
         d = manifest.dims
         if (model.n_embd, model.n_layer, model.n_vocab) != (d.n_embd, d.n_layer, d.n_vocab):
@@ -214,7 +215,7 @@ class Captioner:
             raise BundleError(f"{gguf_path.name} loaded as n_embd={model.n_embd}, n_layer={model.n_layer}, "
                               f"n_vocab={model.n_vocab}; the manifest says {d}")
         hook = InjectionHook(d.n_embd, d.n_layer, backend=hook_backend)
-        log.info("mullama: encoder %s on %s, LLM %s, hook %s", precision, providers[0], quant, hook.backend)
+        log.info("mullama: encoder %s, LLM %s, hook %s", choice.describe(), quant, hook.backend)
         return cls(bundle_dir, manifest, encoder, model, hook, n_ctx=n_ctx, n_threads=n_threads,
                    batch_size=batch_size, exact=exact,
                    max_window_seconds=max_window_seconds or manifest.max_window_seconds)

@@ -41,3 +41,29 @@ def exact_captioner(tiny_bundle):
                                     n_threads=2, batch_size=3)
     yield cap
     cap.close()
+
+
+# ---- `gpu` marker: tests that need an NVIDIA GPU with TensorRT skip cleanly elsewhere ------------
+def _gpu_unusable_reason() -> str | None:
+    """Why TensorRT cannot run here (no tensorrt / cuda-python / CUDA device), or None when it can."""
+    from mullama_sdk.encoder_trt import INSTALL_HINT, cuda_device, import_tensorrt
+    from mullama_sdk.errors import BackendUnavailableError
+
+    problems = []
+    for probe in (import_tensorrt, cuda_device):
+        try:
+            probe()
+        except BackendUnavailableError as e:
+            problems.append(str(e).replace("; " + INSTALL_HINT, ""))
+    return "; ".join(problems) or None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    reason = _gpu_unusable_reason()
+    if reason is not None:
+        skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU with TensorRT: {reason}")
+        for item in gpu_items:
+            item.add_marker(skip)
