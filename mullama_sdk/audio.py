@@ -154,20 +154,27 @@ def decode(
             f"cannot read audio from a {type(source).__name__}; expected a path, the bytes of a file, "
             f"a binary file object, or a numpy array with sample_rate"
         )
+    n_read = announced = None
     try:
         with soundfile.SoundFile(file) as f:
-            rate = f.samplerate
+            rate, announced, n_read = f.samplerate, f.frames, 0
             # Block by block: a corrupt header may announce far more frames than the file holds, and
             # soundfile allocates whatever is announced up front (32 GiB for a 30 kB FLAC seen by the fuzzer).
             blocks = []
             while True:
                 block = f.read(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                n_read += block.shape[0]
                 if block.shape[0]:
                     blocks.append(block)
                 if block.shape[0] < DECODE_BLOCK_FRAMES:
                     break
             frames = np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        if n_read is not None:  # the header was read: the audio data after it is not decodable
+            raise AudioError(
+                f"{name} is truncated or damaged: decoding failed after {n_read} of the {announced} frames its "
+                f"header announces ({str(exc).rstrip('.')})"
+            ) from exc
         formats = ", ".join(sorted(soundfile.available_formats()))
         raise AudioError(
             f"cannot decode {name}: {str(exc).rstrip('.')}. libsndfile {soundfile.__libsndfile_version__} reads "
@@ -370,10 +377,10 @@ def iter_windows(
     n_pending = 0
     emitted = 0
     index = 0
+    n_read = 0
     try:
         with soundfile.SoundFile(file) as f:
             block = max(1, int(STREAM_BLOCK_SECONDS * rate))
-            n_read = 0
             while True:
                 frames = f.read(block, dtype="float32", always_2d=True)
                 last = frames.shape[0] < block
@@ -396,7 +403,8 @@ def iter_windows(
                 if last:
                     break
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"cannot decode {name}: {str(exc).rstrip('.')}") from exc
+        raise AudioError(f"{name} is truncated or damaged: decoding failed after {n_read} of the {n_frames} "
+                         f"frames its header announces ({str(exc).rstrip('.')})") from exc
     tail = np.concatenate(pending) if pending else np.zeros(0, np.float32)
     if len(tail) < min_n:
         raise AudioError(f"{name}: the last window decoded to {seconds(len(tail)):.2f} s, less than "

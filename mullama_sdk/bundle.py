@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import string
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.errors import BundleError
 
 MANIFEST_NAME = "mullama.json"
@@ -158,10 +161,13 @@ def sha256_of(path: Path, *, chunk: int = 1 << 22) -> str:
 def safe_member(bundle_dir: Path, name: str) -> Path:
     """Resolve a manifest file name inside ``bundle_dir``; refuse absolute paths, ``..`` and links out."""
     pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\0" in name:
         raise BundleError(f"manifest names the file {name!r}: only plain paths inside the bundle are allowed")
-    path = (bundle_dir / pure).resolve()
-    root = bundle_dir.resolve()
+    try:
+        path = (bundle_dir / pure).resolve()
+        root = bundle_dir.resolve()
+    except (OSError, RuntimeError) as e:  # a name too long for the OS, a symlink loop
+        raise BundleError(f"manifest file {name!r} cannot be resolved inside the bundle: {e}") from e
     if root not in path.parents:
         raise BundleError(f"manifest file {name!r} resolves outside the bundle folder ({path})")
     return path
@@ -195,8 +201,9 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         raise BundleError(f"{where}: bad dims: {e}") from e
     if min(dataclasses.astuple(dims)) <= 0:
         raise BundleError(f"{where}: every dimension must be positive, got {dims}")
-    inject = tuple(int(i) for i in _need(raw, "inject_layers", list, where))
-    if len(inject) != dims.n_inject or any(not 0 <= i < dims.n_layer for i in inject):
+    inject = tuple(_need(raw, "inject_layers", list, where))
+    if (len(inject) != dims.n_inject or len(set(inject)) != len(inject)
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < dims.n_layer for i in inject)):
         raise BundleError(
             f"{where}: inject_layers {list(inject)} must be {dims.n_inject} layer ids in [0, {dims.n_layer})"
         )
@@ -207,6 +214,8 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
             raise BundleError(f"{where}: files[{name!r}] must be an object with size and sha256")
         files[name] = FileEntry(size=int(_need(entry, "size", int, f"{where} files[{name!r}]")),
                                 sha256=str(_need(entry, "sha256", str, f"{where} files[{name!r}]")))
+        if files[name].size < 0 or not re.fullmatch(r"[0-9a-f]{64}", files[name].sha256):
+            raise BundleError(f"{where}: files[{name!r}] needs a size >= 0 and a sha256 of 64 hex digits")
 
     def variants(key: str, allowed: tuple[str, ...]) -> dict[str, str]:
         v = _need(raw, key, dict, where)
@@ -215,7 +224,7 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         for name, file in v.items():
             if name not in allowed:
                 raise BundleError(f"{where}: {key} variant {name!r} is unknown (valid: {', '.join(allowed)})")
-            if file not in files:
+            if not isinstance(file, str) or file not in files:
                 raise BundleError(f"{where}: {key}[{name!r}] = {file!r} is not listed under 'files'")
         return dict(v)
 
@@ -233,6 +242,7 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
     sample_rate = int(_need(audio, "sample_rate", int, f"{where} audio"))
     min_window = float(_need(audio, "min_window_seconds", (int, float), f"{where} audio"))
     max_window = float(_need(audio, "max_window_seconds", (int, float), f"{where} audio"))
+    _check_values(raw, dims, sample_rate, min_window, max_window, where)
     trt = parse_trt_section(raw.get("trt", {}), files, where=where,
                             samples=(round(min_window * sample_rate), round(max_window * sample_rate)))
     return Manifest(
@@ -253,12 +263,54 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         default_encoder_precision=default_prec,
         default_quant=default_quant,
         files=files,
-        versions={str(k): str(v) for k, v in raw.get("versions", {}).items()},
-        verification=dict(raw.get("verification", {})),
-        notes=tuple(str(n) for n in raw.get("notes", [])),
+        versions={str(k): str(v) for k, v in _optional(raw, "versions", dict, where).items()},
+        verification=dict(_optional(raw, "verification", dict, where)),
+        notes=tuple(str(n) for n in _optional(raw, "notes", list, where)),
         trt=trt,
         raw=raw,
     )
+
+
+def _optional(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = raw.get(key, kind())
+    if not isinstance(value, kind):
+        raise BundleError(f"{where}: field {key!r} has type {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _check_values(raw: dict[str, Any], dims: Dims, sample_rate: int, min_window: float, max_window: float,
+                  where: str) -> None:
+    """Values of the right type that would still fail, or silently mislead, at caption time."""
+    if sample_rate != SAMPLE_RATE_HZ:
+        raise BundleError(f"{where}: audio.sample_rate is {sample_rate} Hz; this runtime feeds the encoder "
+                          f"{SAMPLE_RATE_HZ} Hz (MERT's rate)")
+    if not (math.isfinite(min_window) and math.isfinite(max_window) and 0 <= min_window <= max_window
+            and max_window > 0):
+        raise BundleError(f"{where}: audio needs 0 <= min_window_seconds <= max_window_seconds, max > 0; got "
+                          f"{min_window} and {max_window}")
+    prompt = _need(raw, "prompt", dict, where)
+    template = _need(prompt, "template", str, f"{where} prompt")
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as e:
+        raise BundleError(f"{where}: prompt template is not a format string: {e}") from e
+    if fields != {"question"}:
+        raise BundleError(f"{where}: the prompt template must contain {{question}} and no other field, it has "
+                          f"{sorted(fields)}")
+    if not _need(prompt, "default_question", str, f"{where} prompt").strip():
+        raise BundleError(f"{where}: prompt.default_question is empty")
+    for key in ("bos_id", "eos_id"):
+        token = _need(prompt, key, int, f"{where} prompt")
+        if not 0 <= token < dims.n_vocab:
+            raise BundleError(f"{where}: prompt.{key} {token} is not a token id in [0, {dims.n_vocab})")
+    sampling = _need(raw, "sampling", dict, where)
+    for key, valid, ok in (("temperature", "a number >= 0", lambda v: v >= 0),
+                           ("top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
+                           ("max_new_tokens", "an int >= 0", lambda v: isinstance(v, int) and v >= 0)):
+        if key in sampling:
+            v = sampling[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise BundleError(f"{where}: sampling.{key} is {v!r}; expected {valid}")
 
 
 _COMPUTE_CAPABILITY = re.compile(r"^[0-9]+\.[0-9]+$")
@@ -330,7 +382,7 @@ def load_manifest(bundle_dir: Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST_NAME}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge ints
         raise BundleError(f"cannot read {path}: {e}") from e
     return parse_manifest(raw, where=str(path))
 
@@ -340,9 +392,12 @@ def check_files(bundle_dir: Path, manifest: Manifest, names: list[str], *, sha25
     for name in names:
         entry = manifest.files[name]
         path = safe_member(Path(bundle_dir), name)
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as e:
+            raise BundleError(f"bundle file {name} cannot be read: {e}") from e
+        if size is None:
             raise BundleError(f"bundle file missing: {name} (expected in {bundle_dir})")
-        size = path.stat().st_size
         if size != entry.size:
             raise BundleError(
                 f"bundle file {name} has {size} bytes, the manifest says {entry.size}: truncated or replaced"
@@ -371,13 +426,18 @@ def check_gguf_dims(path: Path, manifest: Manifest) -> None:
         "llama.embedding_length": d.n_embd, "llama.block_count": d.n_layer,
         "llama.attention.head_count": d.n_head, "llama.feed_forward_length": d.n_ff,
     }
-    for key, want in checks.items():
-        got = field(key)
-        if int(got) != want:
-            raise BundleError(f"{path.name}: {key} = {got}, but the manifest says {want}")
-    n_vocab = len(field("tokenizer.ggml.tokens"))
-    if n_vocab != d.n_vocab:
-        raise BundleError(f"{path.name} has {n_vocab} tokens, the manifest says n_vocab = {d.n_vocab}")
-    layers = [int(x) for x in field("mullama.inject_layers")]
+    if "llama.attention.head_count_kv" in reader.fields:  # llama.cpp's default when absent: head_count
+        checks["llama.attention.head_count_kv"] = d.n_head_kv
+    try:
+        for key, want in checks.items():
+            got = field(key)
+            if int(got) != want:
+                raise BundleError(f"{path.name}: {key} = {got}, but the manifest says {want}")
+        n_vocab = len(field("tokenizer.ggml.tokens"))
+        if n_vocab != d.n_vocab:
+            raise BundleError(f"{path.name} has {n_vocab} tokens, the manifest says n_vocab = {d.n_vocab}")
+        layers = [int(x) for x in field("mullama.inject_layers")]
+    except (TypeError, ValueError) as e:  # a field of the wrong type
+        raise BundleError(f"{path.name} has a malformed GGUF header field: {e}") from e
     if tuple(layers) != manifest.inject_layers:
         raise BundleError(f"{path.name}: mullama.inject_layers {layers} != manifest {list(manifest.inject_layers)}")

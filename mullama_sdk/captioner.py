@@ -1,13 +1,17 @@
 """The public entry point: ``Captioner.from_pretrained(bundle)`` -> ``caption(audio)``.
 
-Threading model: ONNX Runtime sessions run concurrently; everything that touches a llama.cpp
-context (the KV cache and the music hook's vectors) runs under one lock, so one Captioner can be
-shared by any number of threads and each call gets exactly its single-threaded result. For
-parallel decoding of many clips use :meth:`Captioner.caption_batch` (one llama.cpp batch).
+Threading model: ONNX Runtime sessions run concurrently; everything that touches llama.cpp (the
+KV cache, the music hook's vectors, the vocabulary that ``close()`` frees) runs under one lock, so
+one Captioner can be shared by any number of threads and each call gets exactly its single-threaded
+result. A thread that holds the lock cannot re-enter it: calling the Captioner from a ``stop``
+callback, or from the body of a ``caption_stream`` loop, raises ``RuntimeError`` (encode() is fine).
+``caption_stream`` holds the lock from its first item until it is exhausted or closed. For parallel
+decoding of many clips use :meth:`Captioner.caption_batch` (one llama.cpp batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -30,12 +34,14 @@ from mullama_sdk.bundle import (
     load_manifest,
     safe_member,
 )
-from mullama_sdk.errors import BundleError, ContextLengthError
+from mullama_sdk.errors import AudioError, BundleError, ContextLengthError
 from mullama_sdk.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
 AudioInput = Any  # path, bytes, file-like, numpy array (+ sample_rate) or MusicVectors
+#: Above this sample magnitude a non-finite encoder output is blamed on the audio, below on the weights.
+_SANE_PEAK = 1e3
 _keys = itertools.count(1)
 
 
@@ -122,8 +128,11 @@ class Captioner:
         self._batch_size = batch_size
         self._exact = exact
         self.max_window_seconds = max_window_seconds
-        self._lock = threading.RLock()
-        self._cancel = threading.Event()
+        # A plain Lock, not an RLock: an abandoned caption_stream may be finalised (and release it) in
+        # another thread. Re-entry from the owning thread is detected through _owner instead.
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock
+        self._cancel_epoch = 0  # cancel() counts up; a call whose starting value changed is cancelled
         self._ctx = LlamaContext(llm_model, hook, n_ctx=n_ctx, n_threads=n_threads, exact=exact)
         self._batch_ctx = None
         self._active_ctx = None
@@ -223,21 +232,40 @@ class Captioner:
     # ---- audio -> music vectors -----------------------------------------------------------------
     def encode(self, audio: AudioInput, *, sample_rate: int | None = None, keep_windows: bool = False) -> MusicVectors:
         """Run the encoder (per window, frame-weighted mean) and the adapter on one clip."""
+        return self._encode(audio, sample_rate, keep_windows, None)
+
+    def _encode(self, audio: AudioInput, sample_rate: int | None, keep_windows: bool,
+                epoch: int | None) -> MusicVectors | None:
+        """:meth:`encode`; ``None`` when ``epoch`` is given and cancel() was called meanwhile."""
         self._check_open()
         if isinstance(audio, MusicVectors):
             return audio
         sr = self.manifest.sample_rate
         t0 = time.perf_counter()
-        bounds, per_window = [], []
-        # Windows arrive one by one (long files are streamed), so memory does not grow with duration.
-        for start, stop, window in iter_windows(audio, sample_rate, max_window_seconds=self.max_window_seconds,
-                                                min_window_seconds=self.manifest.min_window_seconds):
-            bounds.append((start, stop))
-            per_window.append(self._encoder.window_means(window))
-        t1 = time.perf_counter()
-        total_frames = sum(n for _, n in per_window)
-        means = sum(m * n for m, n in per_window) / total_frames
-        injection, query = self._encoder.adapt(means)
+        bounds, per_window, peak = [], [], 0.0
+        try:
+            # Windows arrive one by one (long files are streamed), so memory does not grow with duration.
+            for start, stop, window in iter_windows(audio, sample_rate, max_window_seconds=self.max_window_seconds,
+                                                    min_window_seconds=self.manifest.min_window_seconds):
+                if epoch is not None and epoch != self._cancel_epoch:
+                    return None
+                bounds.append((start, stop))
+                peak = max(peak, float(np.abs(window).max()))
+                per_window.append(self._encoder.window_means(window))
+            t1 = time.perf_counter()
+            total_frames = sum(n for _, n in per_window)
+            means = sum(m * n for m, n in per_window) / total_frames
+            injection, query = self._encoder.adapt(means)
+        except AttributeError:
+            self._check_open()  # close() from another thread released the sessions: say so
+            raise
+        if not (np.isfinite(injection).all() and np.isfinite(query).all()):
+            if peak > _SANE_PEAK:
+                raise AudioError(f"the encoder overflowed on audio with sample values up to {peak:.3g}; "
+                                 "audio samples are expected in [-1, 1]")
+            raise BundleError("the encoder produced non-finite music vectors (NaN/Inf) from ordinary audio: the "
+                              "bundle's encoder or adapter weights are damaged (load it with "
+                              "verify_checksums=True, or re-export it)")
         t2 = time.perf_counter()
         n_samples = bounds[-1][1]
         return MusicVectors(
@@ -272,8 +300,11 @@ class Captioner:
             segments: Also caption every encoder window separately (long audio), with start/end times.
             stop: Called once per token; returning True ends generation (``stop_reason="stopped"``).
         """
-        vec = self.encode(audio, sample_rate=sample_rate, keep_windows=segments)
-        cap = self._run(vec, question, max_new_tokens, temperature, top_p, seed, stop)
+        epoch = self._cancel_epoch
+        vec = self._encode(audio, sample_rate, segments, epoch)
+        if vec is None:
+            return self._cancelled(question)
+        cap = self._run(vec, question, max_new_tokens, temperature, top_p, seed, stop, epoch)
         if not segments:
             return cap
         segs = []
@@ -282,7 +313,7 @@ class Captioner:
             injection, query = self._encoder.adapt(means)
             window_vec = MusicVectors(injection, query, end - start, _frames, 0.0,
                                       1000 * (time.perf_counter() - t0))
-            c = self._run(window_vec, question, max_new_tokens, temperature, top_p, seed, stop)
+            c = self._run(window_vec, question, max_new_tokens, temperature, top_p, seed, stop, epoch)
             segs.append(Segment(start, end, c.text, c.tokens))
         return Caption(cap.text, cap.tokens, cap.prompt_tokens, cap.timings, cap.stop_reason, tuple(segs))
 
@@ -307,10 +338,13 @@ class Captioner:
         The pieces join to exactly :meth:`caption`'s ``text``. Consume the iterator to the end (or
         ``close()`` it): it holds the decoding lock meanwhile.
         """
-        vec = self.encode(audio, sample_rate=sample_rate)
+        epoch = self._cancel_epoch
+        vec = self._encode(audio, sample_rate, False, epoch)
+        if vec is None:
+            return
         tokens: list[int] = []
         emitted = ""
-        for token in self._tokens(vec, question, max_new_tokens, temperature, top_p, seed, stop, {}):
+        for token in self._tokens(vec, question, max_new_tokens, temperature, top_p, seed, stop, {}, epoch):
             tokens.append(token)
             text = self._model.detokenize(tokens)
             # A trailing U+FFFD is a multi-byte character whose remaining bytes are still to come.
@@ -318,16 +352,50 @@ class Captioner:
             if len(stable) > len(emitted) and stable.startswith(emitted):
                 yield stable[len(emitted):]
                 emitted = stable
-        final = self._model.detokenize(tokens)
+        final = self._text(tokens)
         if final != emitted and final.startswith(emitted):
             yield final[len(emitted):]
 
     def cancel(self) -> None:
-        """End the generation in progress (any thread); it returns with ``stop_reason="cancelled"``."""
-        self._cancel.set()
+        """End every :meth:`caption`, :meth:`caption_stream` and :meth:`caption_batch` call in progress (any
+        thread), within one token or one llama.cpp graph node, or after the audio window being encoded.
+
+        They return with ``stop_reason="cancelled"`` (the tokens made so far; the rest of a batch with no
+        tokens). Calls that start after cancel() are not affected; :meth:`encode` alone is not cancelled.
+        """
+        self._cancel_epoch += 1
         ctx = self._active_ctx
         if ctx is not None:
             ctx.request_abort()
+
+    @contextlib.contextmanager
+    def _llama(self) -> Iterator[None]:
+        """Hold the llama.cpp lock; refuse re-entry from the thread that holds it (it would deadlock, or
+        with a re-entrant lock derail the generation in progress)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(
+                "this Captioner is already generating in this thread: it was called from a stop callback "
+                "or from inside a caption_stream loop; finish or close() the stream first, or use "
+                "another Captioner")
+        with self._lock:
+            self._owner = me
+            try:
+                self._check_open()
+                yield
+            finally:
+                self._owner = None
+
+    def _text(self, tokens: list[int]) -> str:
+        # Under the lock: close() from another thread frees the vocabulary.
+        with self._llama():
+            return self._model.detokenize(tokens)
+
+    def _cancelled(self, question: str | None) -> Caption:
+        """The result of a call cancelled before its generation started."""
+        with self._llama():
+            prompt = self._prompt(question)
+        return Caption("", (), tuple(prompt), Timings(), "cancelled")
 
     def _sampling(self, max_new_tokens, temperature, top_p, seed) -> tuple[int, Sampler]:
         s = self.manifest.sampling
@@ -344,27 +412,29 @@ class Captioner:
             raise ValueError(f"question must be a non-empty string, got {q!r}")
         return self._model.tokenize(self.manifest.prompt_template.format(question=q), add_bos=True)
 
-    def _run(self, vec, question, max_new_tokens, temperature, top_p, seed, stop) -> Caption:
+    def _run(self, vec, question, max_new_tokens, temperature, top_p, seed, stop, epoch) -> Caption:
         info: dict[str, Any] = {}
-        tokens = list(self._tokens(vec, question, max_new_tokens, temperature, top_p, seed, stop, info))
+        tokens = list(self._tokens(vec, question, max_new_tokens, temperature, top_p, seed, stop, info, epoch))
         timings = Timings(audio_s=vec.duration_s, encode_ms=vec.encode_ms, adapter_ms=vec.adapter_ms,
                           prefill_ms=info["prefill_ms"], decode_ms=info["decode_ms"],
                           n_prompt_tokens=len(info["prompt"]), n_tokens=len(tokens))
-        return Caption(self._model.detokenize(tokens), tuple(tokens), tuple(info["prompt"]), timings,
-                       info["stop_reason"])
+        return Caption(self._text(tokens), tuple(tokens), tuple(info["prompt"]), timings, info["stop_reason"])
 
     def _tokens(self, vec: MusicVectors, question, max_new_tokens, temperature, top_p, seed, stop,
-                info: dict[str, Any]) -> Iterator[int]:
+                info: dict[str, Any], epoch: int) -> Iterator[int]:
         """Generate token ids for one clip on the single-sequence context (holds the lock throughout)."""
         n_new, sampler = self._sampling(max_new_tokens, temperature, top_p, seed)
-        prompt = self._prompt(question)
-        self._check_fits(len(prompt), n_new, self._ctx.n_ctx)
-        info.update(prompt=prompt, prefill_ms=0.0, decode_ms=0.0, stop_reason="max_new_tokens")
-        with self._lock:
-            self._check_open()
-            self._cancel.clear()
+        with self._llama():
+            # Tokenized under the lock: close() from another thread frees the vocabulary.
+            prompt = self._prompt(question)
+            self._check_fits(len(prompt), n_new, self._ctx.n_ctx)
+            info.update(prompt=prompt, prefill_ms=0.0, decode_ms=0.0, stop_reason="max_new_tokens")
             self._active_ctx = ctx = self._ctx
+            ctx.reset_abort()  # a cancel() that came after the previous generation's last decode
             try:
+                if epoch != self._cancel_epoch:  # cancelled while encoding or waiting for the lock
+                    info["stop_reason"] = "cancelled"
+                    return
                 self._hook.set_clip_vectors(0, (list(self.manifest.inject_layers), vec.injection))
                 self._hook.use_single_clip(0)
                 keep = self._reusable_prefix(vec.key, prompt)
@@ -386,7 +456,7 @@ class Captioner:
                         info["stop_reason"] = "eos"
                         break
                     yield token
-                    if self._cancel.is_set():
+                    if epoch != self._cancel_epoch:
                         info["stop_reason"] = "cancelled"
                         break
                     if stop is not None and stop():
@@ -457,30 +527,42 @@ class Captioner:
         questions = list(questions)
         if len(questions) != len(audios):
             raise ValueError(f"{len(audios)} clips but {len(questions)} questions")
-        vectors = [self.encode(a, sample_rate=sample_rate) for a in audios]
+        epoch = self._cancel_epoch
+        vectors = []
+        for audio in audios:
+            vec = self._encode(audio, sample_rate, False, epoch)
+            if vec is None:
+                return [self._cancelled(q) for q in questions]
+            vectors.append(vec)
         results: list[Caption] = []
         for start in range(0, len(vectors), self._batch_size):
             chunk = list(zip(vectors[start:start + self._batch_size], questions[start:start + self._batch_size],
                              strict=True))
-            with self._lock:
-                self._check_open()
+            with self._llama():
                 if self._batch_ctx is None:
                     self._batch_ctx = LlamaContext(
                         self._model, self._hook, n_ctx=self._n_ctx * self._batch_size,
                         n_seq_max=self._batch_size, n_threads=self._n_threads, exact=self._exact)
-                results.extend(self._decode_batch(self._batch_ctx, chunk, max_new_tokens, temperature, top_p, seed))
+                results.extend(self._decode_batch(self._batch_ctx, chunk, max_new_tokens, temperature, top_p, seed,
+                                                  epoch))
         return results
 
-    def _decode_batch(self, ctx, chunk, max_new_tokens, temperature, top_p, seed) -> list[Caption]:
+    def _decode_batch(self, ctx, chunk, max_new_tokens, temperature, top_p, seed, epoch) -> list[Caption]:
         n = len(chunk)
         prompts = [self._prompt(q) for _, q in chunk]
         plans = [self._sampling(max_new_tokens, temperature, top_p, seed) for _ in chunk]
         for p, (n_new, _) in zip(prompts, plans, strict=True):
             self._check_fits(len(p), n_new, self._n_ctx)
-        self._cancel.clear()
         self._active_ctx = ctx
+        ctx.reset_abort()  # a cancel() that came after the previous generation's last decode
         ctx.clear()
+        out: list[list[int]] = [[] for _ in range(n)]
+        reason = ["max_new_tokens"] * n
+        active = set(range(n))
+        t0, t1 = time.perf_counter(), None
         try:
+            if epoch != self._cancel_epoch:  # cancelled while encoding or in an earlier batch of this call
+                raise InterruptedError
             layers = list(self.manifest.inject_layers)
             for i, (vec, _) in enumerate(chunk):
                 self._hook.set_clip_vectors(i, (layers, vec.injection))
@@ -494,9 +576,6 @@ class Captioner:
             t0 = time.perf_counter()
             logits = dict(enumerate(ctx.decode(toks, pos, seqs, want, row_clips=clips)))
             t1 = time.perf_counter()
-            out: list[list[int]] = [[] for _ in range(n)]
-            reason = ["max_new_tokens"] * n
-            active = set(range(n))
             while active:
                 step_seqs = []
                 for i in sorted(active):
@@ -514,23 +593,22 @@ class Captioner:
                         step_seqs.append(i)
                     else:
                         active.discard(i)
-                if self._cancel.is_set():
-                    reason = [r if r == "eos" else "cancelled" for r in reason]
-                    break
+                if epoch != self._cancel_epoch:
+                    raise InterruptedError
                 if not step_seqs:
                     break
-                try:
-                    step_logits = ctx.decode([out[i][-1] for i in step_seqs],
-                                             [len(prompts[i]) + len(out[i]) - 1 for i in step_seqs],
-                                             step_seqs, [True] * len(step_seqs), row_clips=step_seqs)
-                except InterruptedError:
-                    reason = [r if r == "eos" else "cancelled" for r in reason]
-                    break
+                step_logits = ctx.decode([out[i][-1] for i in step_seqs],
+                                         [len(prompts[i]) + len(out[i]) - 1 for i in step_seqs],
+                                         step_seqs, [True] * len(step_seqs), row_clips=step_seqs)
                 logits = dict(zip(step_seqs, step_logits, strict=True))
-            t2 = time.perf_counter()
+        except InterruptedError:  # cancel(): seen between steps, or llama.cpp's abort callback
+            for i in active:
+                reason[i] = "cancelled"
         finally:
             self._active_ctx = None
             ctx.clear()
+        t2 = time.perf_counter()
+        t1 = t2 if t1 is None else t1
         caps = []
         for i, (vec, _) in enumerate(chunk):
             timings = Timings(audio_s=vec.duration_s, encode_ms=vec.encode_ms, adapter_ms=vec.adapter_ms,
@@ -546,17 +624,28 @@ class Captioner:
             raise RuntimeError("this Captioner is closed")
 
     def close(self) -> None:
-        """Free the llama.cpp contexts and model, the hook and the ONNX sessions (idempotent)."""
+        """Free the llama.cpp contexts and model, the hook and the ONNX sessions (idempotent).
+
+        Waits for a generation in another thread to finish. From the generating thread itself (a stop
+        callback, a caption_stream loop, a ``with`` block left by an exception) it closes at once; that
+        generation then ends with ``RuntimeError``.
+        """
+        if self._owner == threading.get_ident():
+            self._free()
+            return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for ctx in (self._ctx, self._batch_ctx):
-                if ctx is not None:
-                    ctx.close()
-            self._model.close()
-            self._hook.close()
-            self._encoder.close()
+            self._free()
+
+    def _free(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ctx in (self._ctx, self._batch_ctx):
+            if ctx is not None:
+                ctx.close()
+        self._model.close()
+        self._hook.close()
+        self._encoder.close()
 
     def __enter__(self) -> Captioner:
         return self

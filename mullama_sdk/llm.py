@@ -219,7 +219,10 @@ class LlamaContext:
             set_exact_arithmetic(p)
         if hook is not None:
             apply_to_context_params(p, hook)
-        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._abort.is_set())
+        # The callback must not reference self: a cycle would leave the context to the cyclic GC, which
+        # may then free the model before this context (llama_free after llama_model_free).
+        abort = self._abort
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: abort.is_set())
         p.abort_callback = self._abort_cb
         self._ctx = lc.llama_init_from_model(model.handle, p)
         if not self._ctx:
@@ -234,6 +237,10 @@ class LlamaContext:
     def request_abort(self) -> None:
         """Make the running (or next) ``llama_decode`` stop early; it then raises ``InterruptedError``."""
         self._abort.set()
+
+    def reset_abort(self) -> None:
+        """Withdraw an abort request that no ``llama_decode`` has consumed (call before a new generation)."""
+        self._abort.clear()
 
     def _check_open(self) -> None:
         if self._ctx is None:

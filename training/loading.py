@@ -62,14 +62,19 @@ def torch_load(path: Path, *, trust_pickle: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    def refused(e: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"{path} holds objects beyond tensors and plain containers ({e}); "
+            "if you trust where it came from, load it with trust_pickle=True (CLI: --trust-checkpoint)"
+        )
+
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=not trust_pickle)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{path} holds objects beyond tensors and plain containers ({e}); "
-                "if you trust where it came from, load it with trust_pickle=True (CLI: --trust-checkpoint)"
-            ) from e
+            raise refused(e) from e
+        except EOFError as e:
+            raise CheckpointError(f"cannot read {path}: the file is empty or truncated") from e
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise CheckpointError(f"cannot read {path}: {e}") from e
@@ -77,8 +82,10 @@ def torch_load(path: Path, *, trust_pickle: bool = False) -> Any:
         log.warning("%s is in torch's legacy format: loading it without mmap (needs RAM for all of it)", path)
         try:
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except (pickle.UnpicklingError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
+        except pickle.UnpicklingError as e:  # the legacy format is refused the same way
+            raise refused(e) from e
+        except (RuntimeError, EOFError) as e:
+            raise CheckpointError(f"cannot read {path}: {str(e) or 'the file is empty or truncated'}") from e
 
 
 def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
