@@ -267,18 +267,18 @@ def run_hypothesis(max_examples: int, guard: _Guard, derandomize: bool) -> dict[
 
 def run_atheris(argv: list[str], guard: _Guard) -> None:
     """Coverage-guided fuzzing with atheris/libFuzzer; the seed files are the starting corpus."""
-    import atheris
-
-    # Python-level coverage of the loader and of soundfile's wrapper (libsndfile itself is not instrumented;
-    # instrument_all() would take ~20 s for numpy & co.).
     import inspect
+
+    import atheris
 
     import mullama_sdk.audio as audio_module
 
+    # Python-level coverage of the loader and of soundfile's wrapper (libsndfile itself is not instrumented;
+    # instrument_all() would take ~20 s for numpy & co.).
     for module in (audio_module, soundfile):
         for owner in [module, *[c for c in vars(module).values() if inspect.isclass(c)
                                 and c.__module__ == module.__name__]]:
-            for name, obj in list(vars(owner).items()):
+            for obj in list(vars(owner).values()):
                 if inspect.isfunction(obj) and obj.__module__ == module.__name__:
                     atheris.instrument_func(obj)
 

@@ -76,10 +76,10 @@ def test_truncated_files(cap, tmp_path, fmt, subtype, ext):
         path = tmp_path / f"cut{cut}.{ext}"
         path.write_bytes(part)
         outcomes = {
-            "load_audio(path)": _outcome(lambda: load_audio(path)),
-            "load_audio(bytes)": _outcome(lambda: load_audio(part)),
-            "encode(path)": _outcome(lambda: cap.encode(path)),
-            "encode(file object)": _outcome(lambda: cap.encode(io.BytesIO(part))),
+            "load_audio(path)": _outcome(lambda p=path: load_audio(p)),
+            "load_audio(bytes)": _outcome(lambda b=part: load_audio(b)),
+            "encode(path)": _outcome(lambda p=path: cap.encode(p)),
+            "encode(file object)": _outcome(lambda b=part: cap.encode(io.BytesIO(b))),
         }
         # The same bytes give the same verdict whatever the way in (the encoder adds the 0.5 s minimum).
         assert outcomes["load_audio(path)"] == outcomes["load_audio(bytes)"], (cut, outcomes)
