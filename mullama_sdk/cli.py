@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", default=None, help="which GGUF of the bundle (f32, f16, q8_0, q4_k_m)")
     c.add_argument("--encoder-precision", default=None, help="fp32, fp16 or int8")
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c.add_argument("--encoder-backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"),
+                   help="force the encoder backend (default: TensorRT engines when usable, else ONNX Runtime)")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--n-ctx", type=int, default=1024)
     c.add_argument("--exact", action="store_true", help="llama.cpp without flash attention, F32 KV (slower)")
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cap = Captioner.from_pretrained(
             args.bundle, device=args.device, n_threads=args.threads, n_ctx=args.n_ctx,
             encoder_precision=args.encoder_precision, quant=args.quant, exact=args.exact,
+            encoder_backend=args.encoder_backend,
         )
     except (MullamaError, ValueError) as e:
         print(f"mullama: error: {e}", file=sys.stderr)

@@ -142,3 +142,7 @@ def test_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mullama_sdk", "caption", str(junk), "--bundle", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no mullama.json" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mullama_sdk", "caption", str(junk), "--bundle", str(tiny_bundle),
+                        "--encoder-backend", "tensorrt"], capture_output=True, text=True, cwd=ROOT)
+    # This machine has no GPU: forcing TensorRT is a one-line error naming why, not a traceback.
+    assert r.returncode == 2 and "mullama: error:" in r.stderr and "Traceback" not in r.stderr
