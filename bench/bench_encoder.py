@@ -45,38 +45,10 @@ from export.onnx_export import export_encoder  # noqa: E402
 from export.onnx_precision import quantize_int8  # noqa: E402
 from mullama_sdk.audio import load_audio  # noqa: E402
 from mullama_sdk.constants import SAMPLE_RATE_HZ  # noqa: E402
+from tests.assets.make_assets import mert_330m_config  # noqa: E402
 from training.adapter import MusicAdapter  # noqa: E402
 from training.config import AdapterDims  # noqa: E402
 from training.mert import MertEncoder, hubert_config_from_mert  # noqa: E402
-
-#: MERT-v1-330M's architecture (spec section 1) as a MERT-style config.json.
-MERT_330M = {
-    "hidden_size": 1024,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "intermediate_size": 4096,
-    "conv_dim": [512] * 7,
-    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-    "conv_bias": False,
-    "num_feat_extract_layers": 7,
-    "feat_extract_norm": "group",
-    "feat_extract_activation": "gelu",
-    "do_stable_layer_norm": True,
-    "feat_proj_layer_norm": True,
-    "num_conv_pos_embeddings": 128,
-    "num_conv_pos_embedding_groups": 16,
-    "layer_norm_eps": 1e-5,
-    "hidden_act": "gelu",
-    "hidden_dropout": 0.0,
-    "activation_dropout": 0.0,
-    "attention_dropout": 0.0,
-    "feat_proj_dropout": 0.0,
-    "layerdrop": 0.0,
-    "feature_extractor_cqt": False,
-    "deepnorm": False,
-    "sample_rate": SAMPLE_RATE_HZ,
-}
 
 BACKENDS = ("torch", "ort-fp32", "ort-int8")
 
@@ -112,7 +84,7 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    mert = MertEncoder(hubert_config_from_mert(MERT_330M, source="MERT-330M shape")).eval()
+    mert = MertEncoder(hubert_config_from_mert(mert_330m_config(), source="MERT-330M shape")).eval()
     n_params = sum(p.numel() for p in mert.parameters())
     print(f"random MERT-330M-shaped encoder: {n_params / 1e6:.0f} M parameters", flush=True)
 

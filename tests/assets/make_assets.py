@@ -470,6 +470,11 @@ _MERT_PREPROCESSOR = {
 }
 
 
+def mert_330m_config(mert_layers: int = 24) -> dict[str, object]:
+    """MERT-v1-330M's ``config.json`` (real widths, random weights are the caller's business)."""
+    return _mert_config(_real_dims(1, mert_layers))
+
+
 def _mert_config(d: AssetDims) -> dict[str, object]:
     """A MERT-v1 style ``config.json``: HuBERT fields plus MERT's own (CQT and deepnorm off)."""
     return {
