@@ -168,7 +168,8 @@ def build_bundle(
                              f"other types for some tensors: {report.tensor_types}")
             llms[q] = f"llm.{q}.gguf"
 
-        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp)
+        digests: dict[str, tuple[int, int, str]] = {}  # the final manifest re-uses these hashes
+        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp, digests)
         manifest = parse_manifest(manifest_raw, where="new manifest")
 
         say("verify: ONNX graphs vs torch")
@@ -196,7 +197,7 @@ def build_bundle(
         if "fp32" not in options.encoder_precisions:
             for stale in tmp.glob("*.fp32.onnx*"):
                 stale.unlink()
-        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp)
+        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp, digests)
         manifest_raw["verification"] = {c.name: c.to_dict() for c in checks}
         manifest_raw["export_seconds"] = round(time.perf_counter() - t_start, 1)
         parse_manifest(manifest_raw, where="new manifest")
@@ -236,11 +237,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes, folder: Path) -> dict[str, Any]:
+def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes, folder: Path,
+              digests: dict[str, tuple[int, int, str]]) -> dict[str, Any]:
+    """The manifest dict; ``digests`` caches (size, mtime_ns, sha256) per file so that an unchanged
+    file (a 7B GGUF takes tens of seconds) is hashed once across the interim and the final manifest."""
     files = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST_NAME:
-            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+            st = path.stat()
+            cached = digests.get(path.name)
+            if cached is None or cached[:2] != (st.st_size, st.st_mtime_ns):
+                cached = digests[path.name] = (st.st_size, st.st_mtime_ns, sha256_of(path))
+            files[path.name] = {"size": st.st_size, "sha256": cached[2]}
     p = cfg.llama
     default_prec = options.default_encoder_precision or (
         "int8" if "int8" in options.encoder_precisions else options.encoder_precisions[0])
