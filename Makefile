@@ -13,20 +13,24 @@ CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 PIP_INSTALL := CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(CMAKE_BUILD_PARALLEL_LEVEL) $(PIP) install
 
 # Debian packages the tests need beyond what the Python wheels bundle (soundfile's wheel ships
-# libsndfile). Space-separated; only the missing ones are installed.
-SYSDEPS ?=
+# libsndfile): libfluidsynth and the GM soundfont render the demo data set (examples/demo_data.py).
+# Space-separated; only the missing ones are installed.
+SYSDEPS ?= fluidsynth fluid-soundfont-gm
 
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv sysdeps install-dev install-demo test test-slow lint format demo bench clean distclean
+.PHONY: help venv sysdeps install-dev install-demo install-demo-model test test-slow lint format demo demo-eval \
+	demo-model bench clean distclean
 
 help:
-	@echo "make demo       install the runtime + exporter and run the demo (examples/demo.py)"
+	@echo "make demo       install the runtime and caption the example clips with the demo model (examples/demo.py)"
+	@echo "make demo-eval  score the demo model on held-out pieces (renders the demo data first)"
+	@echo "make demo-model rebuild the demo model from scratch: data, training, export (examples/demo_train.py)"
 	@echo "make test       install everything for development, run ruff and the fast tests"
 	@echo "make test-slow  run only the tests marked slow"
 	@echo "make lint       ruff check;  make format: ruff format + import sorting"
-	@echo "make bench      run the benchmarks (bench/)"
+	@echo "make bench      run the benchmarks (bench/; results in bench/RESULTS.md; BENCH_ARGS=--quick)"
 	@echo "make clean      remove build artefacts and caches (distclean also removes $(VENV))"
 
 $(PY):
@@ -54,13 +58,21 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY) sysdeps
 	$(PIP_INSTALL) -e '.[dev]'
 	@touch $@
 
-$(VENV)/.installed-demo: pyproject.toml | $(PY) sysdeps
-	$(PIP_INSTALL) -e '.[cpu,export]'
+# The demo needs the runtime only (the bundle is committed): no torch.
+$(VENV)/.installed-demo: pyproject.toml | $(PY)
+	$(PIP_INSTALL) -e '.[cpu]'
+	@touch $@
+
+# Rendering the demo data, training and exporting need everything (music21, torch, onnx, gguf).
+$(VENV)/.installed-demo-model: pyproject.toml | $(PY) sysdeps
+	$(PIP_INSTALL) -e '.[demo]'
 	@touch $@
 
 install-dev: $(VENV)/.installed-dev
 
 install-demo: $(VENV)/.installed-demo
+
+install-demo-model: $(VENV)/.installed-demo-model
 
 # pytest exits 5 when no test ran: that is a failure here, not a pass.
 test: sysdeps install-dev
@@ -84,8 +96,18 @@ format: install-dev
 demo: install-demo
 	$(PY) -m examples.demo
 
+demo-eval: install-demo-model
+	$(PY) -m examples.demo_eval
+
+# One command, < 20 minutes on 2 cores; writes examples/demo_bundle (bit-for-bit the committed one:
+# check with `$(PY) -m examples.demo_train --check`).
+demo-model: install-demo-model
+	$(PY) -m examples.demo_train
+
+# BENCH_ARGS: e.g. "--quick" (shorter runs) or benchmark names ("bandwidth memory"); see bench/README.md.
+BENCH_ARGS ?=
 bench: install-dev
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache .hypothesis native_bridge/_build native_bridge/build

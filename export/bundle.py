@@ -199,7 +199,8 @@ def build_bundle(
                 stale.unlink()
         manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp, digests)
         manifest_raw["verification"] = {c.name: c.to_dict() for c in checks}
-        manifest_raw["export_seconds"] = round(time.perf_counter() - t_start, 1)
+        if _source_date_epoch() is None:  # a reproducible build records no wall-clock figure
+            manifest_raw["export_seconds"] = round(time.perf_counter() - t_start, 1)
         parse_manifest(manifest_raw, where="new manifest")
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_raw, indent=2, ensure_ascii=False) + "\n")
         # mkdtemp made the folder private (0700); a bundle is meant to be shared and read by others.
@@ -214,6 +215,18 @@ def build_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _source_date_epoch() -> int | None:
+    """``SOURCE_DATE_EPOCH`` (the reproducible-builds convention): when set, the manifest's ``created`` is
+    that time and no export duration is recorded, so the same inputs give a byte-identical bundle."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ConfigError(f"SOURCE_DATE_EPOCH={raw!r} is not an integer (seconds since 1970)") from e
 
 
 def _llama_params(cfg) -> int:
@@ -255,7 +268,7 @@ def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes,
     return {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_source_date_epoch())),
         "source": {"checkpoint": Path(src.checkpoint.path).name, "kind": "mullama" if src.checkpoint.config
                    else "published"},
         "dims": {"n_embd": p.dim, "n_layer": p.n_layers, "n_head": p.n_heads, "n_head_kv": p.kv_heads,

@@ -176,12 +176,36 @@ def export_graph(
             m.training = training
     if program is None:  # only when f is given; keeps type checkers honest
         raise ExportError(f"torch.onnx.export returned no program for graph {spec.name!r}")
+    strip_debug_metadata(program.model)
     program.model.metadata_props.update(graph_metadata(spec, dims, "fp32"))
     with _staging(out_path) as staged:
         program.save(staged, external_data=external_data)
         _verify_file(staged, spec, dims)
     log.info("exported %s graph to %s", spec.name, out_path)
     return out_path
+
+
+def strip_debug_metadata(model) -> None:
+    """Drop the exporter's per-node and per-value debug records (``pkg.*`` metadata: Python stack traces
+    with absolute source paths, FX node dumps, rewrite-rule names).
+
+    They are for debugging the exporter, not for running the graph; they would ship this machine's file
+    paths inside every bundle and make the same export differ byte for byte between two checkouts.
+    """
+    import onnx_ir as ir
+
+    def strip(props) -> None:
+        for key in [k for k in props if k.startswith("pkg.")]:
+            del props[key]
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            strip(node.metadata_props)
+            for value in node.outputs:
+                strip(value.metadata_props)
+        for value in (*graph.inputs, *graph.initializers.values()):
+            strip(value.metadata_props)
 
 
 def graph_metadata(spec: GraphSpec, dims: Mapping[str, int], precision: str) -> dict[str, str]:

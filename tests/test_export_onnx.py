@@ -337,3 +337,14 @@ def test_real_width_adapter_goes_past_protobuf_limit(model, tmp_path):
     f16 = convert_fp16(path, tmp_path / "adapter.fp16.onnx")  # ~1.3 GB: below the threshold, one file
     assert not (tmp_path / "adapter.fp16.onnx.data").exists()
     print(compare_onnx(path, f16, [{"state_means": h[0]}]).summary())
+
+
+def test_exported_graphs_carry_no_debug_records_or_local_paths(graphs):
+    """The exporter's stack traces would ship this checkout's paths and make builds differ between folders."""
+    root = str(Path(__file__).resolve().parents[1]).encode()
+    for name, path in graphs.items():
+        assert root not in path.read_bytes(), f"{name} embeds {root!r}"
+        m = onnx.load(str(path), load_external_data=False)
+        keys = {p.key for n in m.graph.node for p in n.metadata_props}
+        keys |= {p.key for v in m.graph.value_info for p in v.metadata_props}
+        assert not {k for k in keys if k.startswith("pkg.")}, f"{name}: {sorted(keys)}"

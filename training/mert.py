@@ -39,6 +39,84 @@ _WEIGHT_NORM_OLD_TO_NEW = {
 }
 
 
+#: ``preprocessor_config.json`` of a MERT-v1 folder: raw 24 kHz waveform in, no normalisation.
+MERT_PREPROCESSOR = {
+    "do_normalize": False,
+    "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+    "feature_size": 1,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": True,
+    "sampling_rate": SAMPLE_RATE_HZ,
+}
+
+
+def mert_folder_config(
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    conv_dim: int,
+    num_conv_pos_embeddings: int,
+    num_conv_pos_embedding_groups: int,
+) -> dict[str, Any]:
+    """A MERT-v1 style ``config.json`` (HuBERT fields plus MERT's own, CQT and deepnorm off) at any widths.
+
+    The conv feature encoder keeps MERT's kernels and strides (75 frames per second at 24 kHz); only its
+    channel count, the transformer widths and the positional convolution vary.
+    """
+    return {
+        "model_type": "mert_model",
+        "architectures": ["MERTModel"],
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "intermediate_size": intermediate_size,
+        "conv_dim": [conv_dim] * 7,
+        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+        "conv_bias": False,
+        "num_feat_extract_layers": 7,
+        "feat_extract_norm": "group",
+        "feat_extract_activation": "gelu",
+        "do_stable_layer_norm": True,
+        "feat_proj_layer_norm": True,
+        "num_conv_pos_embeddings": num_conv_pos_embeddings,
+        "num_conv_pos_embedding_groups": num_conv_pos_embedding_groups,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "hidden_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "feat_proj_dropout": 0.0,
+        "final_dropout": 0.0,
+        "layerdrop": 0.0,
+        "mask_time_prob": 0.05,
+        "initializer_range": 0.02,
+        "feature_extractor_cqt": False,
+        "feature_extractor_cqt_bins": 336,
+        "deepnorm": False,
+        "attention_relax": -1.0,
+        "sample_rate": SAMPLE_RATE_HZ,
+    }
+
+
+def write_mert_folder(folder: Path, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
+    """Write a MERT folder (``config.json``, ``preprocessor_config.json``, ``pytorch_model.bin``).
+
+    Weight-norm keys are written in the 2023 spelling (``weight_g``/``weight_v``) that released MERT files
+    use; :func:`to_hubert_state_dict` reads either.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps(MERT_PREPROCESSOR, indent=2, sort_keys=True) + "\n")
+    new_to_old = {new: old for old, new in _WEIGHT_NORM_OLD_TO_NEW.items()}
+    sd = {new_to_old.get(k, k): v.detach().contiguous() for k, v in state_dict.items()}
+    torch.save(sd, folder / "pytorch_model.bin")
+
+
 def hubert_config_from_mert(raw: dict[str, Any], *, source: str = "MERT config") -> HubertConfig:
     """Map a MERT-style ``config.json`` dict onto an equivalent ``HubertConfig``.
 
@@ -138,8 +216,15 @@ class MertEncoder(nn.Module):
         if self.do_normalize:
             # Wav2Vec2FeatureExtractor's per-utterance normalisation (off for MERT-v1-330M).
             x = (x - x.mean(dim=-1, keepdim=True)) / torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + 1e-7)
-        h = self.hubert.feature_extractor(x).transpose(1, 2)
-        h = self.hubert.feature_projection(h)
+        return self.states_from_features(self.hubert.feature_extractor(x))
+
+    def states_from_features(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden states from the conv feature encoder's output ``(batch, conv_dim, frames)``.
+
+        Split from :meth:`hidden_states` so that a frozen conv front end can run once per clip and the
+        transformer be trained on its cached output.
+        """
+        h = self.hubert.feature_projection(features.transpose(1, 2))
         if isinstance(h, tuple):  # transformers 4.x also returned the un-projected features
             h = h[0]
         encoder = self.hubert.encoder

@@ -47,6 +47,8 @@ from sentencepiece import sentencepiece_model_pb2
 from transformers import HubertConfig, HubertModel
 
 from mullama_sdk.prompt import CAPTION_QUESTIONS, PROMPT_TEMPLATE
+from training.mert import MERT_PREPROCESSOR, mert_folder_config
+from training.tokenizer import train_llama_tokenizer
 
 __all__ = [
     "AssetDims",
@@ -293,7 +295,7 @@ def _write_model_files(
     config = _mert_config(dims)
     (mert_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (mert_dir / "preprocessor_config.json").write_text(
-        json.dumps(_MERT_PREPROCESSOR, indent=2, sort_keys=True) + "\n"
+        json.dumps(MERT_PREPROCESSOR, indent=2, sort_keys=True) + "\n"
     )
     mert_sd = _mert_state_dict(config, seed)
     _save_streamed(mert_dir / "pytorch_model.bin", mert_sd, seed)
@@ -459,58 +461,22 @@ _MERT_ONLY_FIELDS = (
     "sample_rate",
 )
 
-_MERT_PREPROCESSOR = {
-    "do_normalize": False,
-    "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-    "feature_size": 1,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": True,
-    "sampling_rate": 24000,
-}
-
-
 def mert_330m_config(mert_layers: int = 24) -> dict[str, object]:
     """MERT-v1-330M's ``config.json`` (real widths, random weights are the caller's business)."""
     return _mert_config(_real_dims(1, mert_layers))
 
 
 def _mert_config(d: AssetDims) -> dict[str, object]:
-    """A MERT-v1 style ``config.json``: HuBERT fields plus MERT's own (CQT and deepnorm off)."""
-    return {
-        "model_type": "mert_model",
-        "architectures": ["MERTModel"],
-        "hidden_size": d.mert_hidden_size,
-        "num_hidden_layers": d.mert_num_hidden_layers,
-        "num_attention_heads": d.mert_num_attention_heads,
-        "intermediate_size": d.mert_intermediate_size,
-        "conv_dim": [d.mert_conv_dim] * 7,
-        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-        "conv_bias": False,
-        "num_feat_extract_layers": 7,
-        "feat_extract_norm": "group",
-        "feat_extract_activation": "gelu",
-        "do_stable_layer_norm": True,
-        "feat_proj_layer_norm": True,
-        "num_conv_pos_embeddings": d.mert_num_conv_pos_embeddings,
-        "num_conv_pos_embedding_groups": d.mert_num_conv_pos_embedding_groups,
-        "layer_norm_eps": 1e-5,
-        "hidden_act": "gelu",
-        "hidden_dropout": 0.0,
-        "activation_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "feat_proj_dropout": 0.0,
-        "final_dropout": 0.0,
-        "layerdrop": 0.0,
-        "mask_time_prob": 0.05,
-        "initializer_range": 0.02,
-        "feature_extractor_cqt": False,
-        "feature_extractor_cqt_bins": 336,
-        "deepnorm": False,
-        "attention_relax": -1.0,
-        "sample_rate": 24000,
-    }
+    """A MERT-v1 style ``config.json`` at the widths of ``d``."""
+    return mert_folder_config(
+        hidden_size=d.mert_hidden_size,
+        num_hidden_layers=d.mert_num_hidden_layers,
+        num_attention_heads=d.mert_num_attention_heads,
+        intermediate_size=d.mert_intermediate_size,
+        conv_dim=d.mert_conv_dim,
+        num_conv_pos_embeddings=d.mert_num_conv_pos_embeddings,
+        num_conv_pos_embedding_groups=d.mert_num_conv_pos_embedding_groups,
+    )
 
 
 def _mert_state_dict(config: Mapping[str, object], seed: int) -> dict[str, torch.Tensor]:
@@ -745,33 +711,8 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def _train_tokenizer(vocab_size: int) -> bytes:
-    """Train a BPE SentencePiece model with LLaMA's conventions; returns the ``tokenizer.model`` bytes.
-
-    Identity normalisation, kept whitespace and byte fallback are what make SentencePiece and llama.cpp
-    tokenize the prompt the same way (spec section 2). One thread and unshuffled input keep the output
-    byte-identical across runs.
-    """
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tokenizer_corpus()),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        num_threads=1,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    """The test tokenizer: LLaMA's conventions (see :func:`training.tokenizer.train_llama_tokenizer`)."""
+    return train_llama_tokenizer(_tokenizer_corpus(), vocab_size)
 
 
 def _piece_count(model: bytes) -> int:
