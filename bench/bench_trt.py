@@ -3,7 +3,8 @@
 Launch:  .venv/bin/python -m bench.bench_trt [--seconds 5 10 30 --reps 10 --fp16]
 
 Needs an NVIDIA GPU with tensorrt + cuda-python (``pip install 'mullama-sdk[cuda]'``); without one it
-prints "no GPU: skipped (<reason>)" and exits 0, so ``make bench`` passes on CPU machines.
+prints "no GPU: skipped (<reason>)", writes a results section saying "not measured: no GPU" and exits 0,
+so ``make bench`` passes on CPU machines.
 
 A randomly initialised MERT-330M-shaped encoder (the config of bench/bench_encoder.py) is exported to
 ONNX with :func:`export.onnx_export.export_encoder` (and converted to float16 with ``--fp16``); the
@@ -38,6 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from bench.report import Target, markdown_table, write_section  # noqa: E402
+
+TITLE = "MERT encoder on an NVIDIA GPU: TensorRT vs ONNX Runtime CUDA vs torch"
+
 
 def _skip_reason() -> str | None:
     from export.trt import build_environment
@@ -62,18 +67,23 @@ def main() -> int:
     reason = _skip_reason()
     if reason is not None:
         print(f"bench_trt: no GPU: skipped ({reason})")
+        write_section("trt", TITLE, f"Not measured: no GPU ({reason}).",
+                      [Target("TensorRT encoder latency vs ONNX Runtime CUDA and torch", "measured",
+                              "not measured: no GPU", None)])
         return 0
 
     import tensorrt
     import torch
 
-    from bench.bench_encoder import MERT_330M, _waveform
+    from bench.bench_encoder import _waveform
     from export.onnx_export import export_encoder
     from export.onnx_precision import convert_fp16
     from export.trt import build_engine, waveform_profile
     from mullama_sdk.encoder_trt import TrtGraph, cuda_device
+    from tests.assets.make_assets import mert_330m_config
     from training.mert import MertEncoder, hubert_config_from_mert
 
+    MERT_330M = mert_330m_config()
     gpu = cuda_device()
     torch.manual_seed(args.seed)
     mert = MertEncoder(hubert_config_from_mert(MERT_330M, source="MERT-330M shape")).eval()
@@ -160,14 +170,25 @@ def main() -> int:
         print(f"{s:>6g}s | " + " | ".join(cells) + " | " + " ".join(ratios))
     print()
     print("max relative difference of the state means to torch fp32 on the CPU")
+    rel_rows = []
     for s in args.seconds:
         row = []
         for b in names:
             x, ref = outputs[(b, s)].astype(np.float64), refs[s].astype(np.float64)
-            row.append(f"{b} {np.abs(x - ref).max() / np.abs(ref).max():.2e}")
-        print(f"{s:>6g}s  " + "   ".join(row))
+            row.append(f"{np.abs(x - ref).max() / np.abs(ref).max():.2e}")
+        print(f"{s:>6g}s  " + "   ".join(f"{b} {r}" for b, r in zip(names, row)))
+        rel_rows.append([f"{s:g} s", *row])
     for n in notes:
         print(n)
+    speed = markdown_table(
+        ["window", *(f"{b} ms (RTF)" for b in names), *(f"{a} / {b}" for a, b in extra)],
+        [[f"{s:g} s", *(f"{1000 * med[(b, s)]:.1f} ({med[(b, s)] / s:.4f})" for b in names),
+          *(f"{ratio(a, b, s):.2f}x" for a, b in extra)] for s in args.seconds])
+    rel = markdown_table(["window", *names], rel_rows)
+    body = (f"{gpu.name} (compute capability {gpu.compute_capability}), TensorRT {tensorrt.__version__}, "
+            f"{precision}, {args.reps} rounds, backends in random order (medians of paired ratios).\n\n{speed}"
+            f"\n\nMax relative difference of the state means to torch fp32 on the CPU:\n\n{rel}")
+    write_section("trt", TITLE, body, notes="\n".join(notes))
     return 0
 
 

@@ -517,7 +517,11 @@ class Captioner:
     ) -> list[Caption]:
         """Caption several clips, decoding up to ``batch_size`` of them together in one llama.cpp batch.
 
-        Each clip's result equals its own :meth:`caption` (same seed per clip).
+        Each clip gets the prompt, music vectors and sampling seed its own :meth:`caption` would use. With
+        f32/f16 GGUFs the results are equal (the tests check it); with quantized GGUFs llama.cpp's batched
+        matrix kernels round differently from its single-sequence ones (measured: logits of the 2nd..8th
+        sequence of a q4_k_m or q8_0 batch differ by 0.06-0.08, also without the music hook), so a greedy
+        caption can occasionally part from the unbatched one after a near-tie.
         """
         from mullama_sdk.llm import LlamaContext
 
