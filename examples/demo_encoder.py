@@ -34,6 +34,7 @@ from torch import nn
 from examples.demo_data import TEMPO_CLASSES
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from training.mert import MertEncoder, hubert_config_from_mert, mert_folder_config, write_mert_folder
+from training.recipes import WarmupCosine
 
 #: The demo encoder's widths (MERT-v1-330M: 1024 wide, 24 layers, 16 heads, FFN 4096, 512 conv channels).
 ENCODER_DIMS = {
@@ -175,13 +176,7 @@ def train_encoder(
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        frac = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(config.warmup, config.steps, 0.0))
     features = conv_features(encoder, waves)
     crop = int(CROP_SECONDS * FRAMES_PER_SECOND)
     label_t = {t: torch.from_numpy(v) for t, v in labels.items()}

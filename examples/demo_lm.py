@@ -43,7 +43,7 @@ from training.features import FeatureCache, load_mert, update_feature_cache
 from training.loading import save_checkpoint
 from training.mert import read_mert_folder
 from training.model import MullamaModel
-from training.recipes import TrainForward, decays, saved_names
+from training.recipes import TrainForward, WarmupCosine, decays, saved_names
 from training.tokenizer import Tokenizer, train_llama_tokenizer
 
 #: The demo LM's shape, in the words of Meta's params.json (LLaMA-2-7B: 4096, 32 layers, 32 heads, 256).
@@ -138,12 +138,7 @@ def train_lm(
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
     steps = max(1, math.ceil(config.epochs * len(dataset) / config.batch_size))
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, steps - config.warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(config.warmup, steps, 0.0))
     losses: list[float] = []
     order: list[int] = []
     forward.train()
