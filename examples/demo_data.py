@@ -25,10 +25,15 @@ Vocabulary (the evaluator matches these words; the constants below are the sourc
   piano ("piano"), organ ("organ"), guitar ("guitar"), strings ("string", "violin", "viola", "cello",
   "contrabass"), woodwind ("woodwind", "flute", "oboe", "clarinet", "bassoon"), brass ("brass",
   "trumpet", "horn", "trombone", "tuba"), choir ("choir", "voices").
-* Tempo class, :data:`TEMPO_CLASSES` (name -> quarter-note BPM range, inclusive): slow 55-75,
-  moderate 85-110, fast 125-160. Captions and tempo answers contain the class name verbatim
-  ("slow", "moderate", "fast") and no other class name; the BPM is drawn uniformly from the range
-  and overrides the score's tempo marks.
+* Tempo class, :data:`TEMPO_CLASSES` (name -> BPM range, inclusive): slow 55-75, moderate 85-110,
+  fast 125-160. Captions and tempo answers contain the class name verbatim ("slow", "moderate",
+  "fast") and no other class name; the BPM is drawn uniformly from the range and overrides the
+  score's tempo marks. BPM counts *beats*, and a clip's beat is the note value (plain or dotted, see
+  :data:`BEAT_VALUES`) for which its 5 seconds hold as many note onsets as beats
+  (:func:`excerpt_beat`; ``beat_quarters`` in ``clips.json``): the tempo is how often notes start,
+  which is what one hears. (A quarter-note BPM is not audible: the scores' note values span 16x, from
+  Palestrina's half notes to a reel's sixteenths; labelled that way, a probe on the trained encoder
+  was at or below chance on drumless held-out clips.)
 * Era, :data:`ERAS`: Renaissance, Baroque, Classical, Romantic, folk (from the composer; the
   anonymous tunes are folk), one era word per caption and era answer.
 * Solo / ensemble: exactly one of "solo" and "ensemble" appears in every caption and solo answer.
@@ -38,8 +43,8 @@ Vocabulary (the evaluator matches these words; the constants below are the sourc
   ordered by register, spread over 2-4 instruments of the family, e.g. violin/viola/cello). A
   one-part tune played by an ensemble is doubled an octave lower by its second instrument. The
   family is always single per clip; notes outside an instrument's range move by octaves into it.
-* Drums (about 37 % of clips): "drums" appears in the caption; a GM channel-10 pattern (kick on
-  beats 1 and 3, snare on 2 and 4, closed hi-hat on eighths) at the clip's tempo.
+* Drums (about 37 % of clips): "drums" appears in the caption; a GM channel-10 pattern at the clip's
+  tempo: kick and snare alternating on the beats (kick on the bar line), closed hi-hat on half beats.
 * Key and mode: the real key of the score, not transposed: the key signature gives the major key
   and its relative minor; a score that declares "minor" is minor, otherwise a Krumhansl-Kessler
   correlation of the opening's pitch classes (first 64 quarter notes) chooses between the two (all
@@ -71,6 +76,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -348,7 +354,9 @@ class ClipFacts:
     """Everything known about a rendered clip (one entry of ``clips.json``).
 
     ``instruments`` lists ``(GM program, GM name)`` of the distinct programs, high to low; drums are
-    not in it (see ``drums``). ``start_quarter`` is the excerpt's offset in the score, in quarter notes.
+    not in it (see ``drums``). ``start_quarter`` is the excerpt's offset in the score, in quarter notes;
+    ``bpm`` counts beats of ``beat_quarters`` quarter notes (:func:`excerpt_beat`); ``onsets`` are the
+    seconds at which notes (and kick or snare) start (:func:`onset_times`).
     """
 
     clip_id: str
@@ -362,6 +370,8 @@ class ClipFacts:
     solo: bool
     drums: bool
     bpm: int
+    beat_quarters: float
+    onsets: tuple[float, ...]
     tempo_class: str
     key: str
     mode: str
@@ -381,6 +391,7 @@ class ClipFacts:
     def from_json(cls, d: dict) -> ClipFacts:
         d = dict(d)
         d["instruments"] = tuple((i["program"], i["name"]) for i in d["instruments"])
+        d["onsets"] = tuple(d["onsets"])
         return cls(**d)
 
 
@@ -540,6 +551,7 @@ class _Score:
     end: float
     key: str
     mode: str
+    pulse: float                      # a first guess of the beat in quarter notes (:func:`pulse_quarters`)
 
 
 _KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -620,7 +632,55 @@ def load_score(piece: Piece) -> _Score:
     end = max(n.end for part in parts for n in part)
     sharps = signatures[0].sharps if signatures else None
     key_name, mode = _estimate_key(parts, sharps, getattr(signatures[0], "mode", None) if signatures else None)
-    return _Score(title.strip(), parts, measures or [0.0], end, key_name, mode)
+    measures = measures or [0.0]
+    return _Score(title.strip(), parts, measures, end, key_name, mode, pulse_quarters(parts, _excerpt_limit(measures)))
+
+
+def pulse_quarters(parts: list[list[_Note]], until: float) -> float:
+    """A first guess of a score's beat in quarter notes, used to size the excerpt window before the
+    excerpt's own beat is known (:func:`excerpt_beat`): the most common interval between successive
+    onsets of all parts before ``until`` (the region excerpts come from), rounded to a power of two
+    (ties go to the longer value)."""
+    onsets = np.unique([n.start for part in parts for n in part if n.start < until])
+    gaps = np.diff(onsets)
+    gaps = gaps[gaps > 1e-3]
+    if not gaps.size:
+        return 1.0
+    levels, counts = np.unique(np.round(np.log2(gaps)).astype(int), return_counts=True)
+    return float(2.0 ** levels[np.flatnonzero(counts == counts.max())[-1]])
+
+
+#: The note values a beat may have, in quarter notes: plain and dotted, a thirty-second note to a dotted
+#: whole note (dotted values are the beats of compound meters such as a jig's 6/8, and halve the rounding).
+BEAT_VALUES = tuple(sorted(m * 2.0**k for k in range(-3, 3) for m in (1.0, 1.5)))
+
+
+def beat_name(quarters: float) -> str:
+    """``0.75`` -> ``"dotted eighth"``: the name of a beat value of :data:`BEAT_VALUES`."""
+    plain = {0.125: "thirty-second", 0.25: "sixteenth", 0.5: "eighth", 1.0: "quarter", 2.0: "half", 4.0: "whole"}
+    if quarters in plain:
+        return plain[quarters]
+    if quarters / 1.5 in plain:
+        return "dotted " + plain[quarters / 1.5]
+    raise ValueError(f"{quarters} quarter notes is not a beat value of {BEAT_VALUES}")
+
+
+def excerpt_beat(notes: Sequence[_Note], start: float, bpm: float, end: float) -> float:
+    """The beat of an excerpt starting at ``start`` played at ``bpm`` beats per minute, in quarter notes:
+    the value of :data:`BEAT_VALUES` for which the 5-second clip has as many distinct note onsets
+    (of ``notes``, what is actually played) as beats (ties go to the longer value). Values whose clip
+    would run past the score's ``end`` are not considered (the shortest is taken if none fits).
+
+    The clips' BPM counts these beats, not quarter notes: how fast music sounds is how often notes
+    start, and the scores' note values span 16x (Palestrina moves in half notes, a reel in
+    sixteenths), so a quarter-note BPM is not audible without drums.
+    """
+    beats = CLIP_SECONDS * bpm / 60.0
+    onsets = np.unique([n.start for n in notes if n.start >= start])
+    fitting = [value for value in BEAT_VALUES if start + beats * value <= end + 1e-9] or [BEAT_VALUES[0]]
+    best = min(fitting, key=lambda value: (
+        abs(math.log2(max(1, int(np.count_nonzero(onsets < start + beats * value))) / beats)), -value))
+    return float(best)
 
 
 def _window_quality(parts: list[list[_Note]], start: float, length: float) -> tuple[int, float]:
@@ -637,11 +697,15 @@ def _window_quality(parts: list[list[_Note]], start: float, length: float) -> tu
     return onsets, float(sounding.mean())
 
 
+def _excerpt_limit(measure_starts: list[float]) -> float:
+    return max(_EXCERPT_QUARTERS, measure_starts[min(8, len(measure_starts) - 1)])
+
+
 def choose_excerpt(score: _Score, length: float, rng: np.random.Generator) -> float:
     """A measure start near the beginning (first 8 bars or 32 quarter notes), where the key of the
     score is the key of the excerpt, whose ``length`` quarters are well filled with notes; random
     among the good ones."""
-    limit = max(_EXCERPT_QUARTERS, score.measure_starts[min(8, len(score.measure_starts) - 1)])
+    limit = _excerpt_limit(score.measure_starts)
     starts = [s for s in score.measure_starts if s <= limit and s + length <= score.end + 1e-9] or [0.0]
     quality = [_window_quality(score.parts, s, length) for s in starts]
     good = [s for s, (onsets, filled) in zip(starts, quality) if onsets >= 4 and filled >= 0.85]
@@ -708,12 +772,15 @@ def arrange(score: _Score, plan: ClipPlan, rng: np.random.Generator, start: floa
 Event = tuple[int, int, int, int, int]
 
 
-def clip_events(score: _Score, plan: ClipPlan, lines: list[tuple[int, list[_Note]]], start: float,
+def clip_events(score: _Score, plan: ClipPlan, lines: list[tuple[int, list[_Note]]], start: float, beat: float,
                 rng: np.random.Generator) -> list[Event]:
-    """MIDI-style events of the excerpt ``[start, start + 5 s)`` at the plan's tempo: controllers and
-    program changes, the notes (velocity varied), and the drum pattern on channel 10."""
-    length = CLIP_SECONDS * plan.bpm / 60.0
-    at = lambda q: min(CLIP_SAMPLES, max(0, round((q - start) * 60.0 / plan.bpm * SAMPLE_RATE_HZ)))
+    """MIDI-style events of the excerpt ``[start, start + 5 s)`` at the plan's tempo (``plan.bpm`` beats of
+    ``beat`` quarter notes per minute): controllers and program changes, the notes (velocity varied),
+    and the drum pattern on channel 10 (kick and snare alternating on the beats from each bar line,
+    closed hi-hat on every half beat)."""
+    qpm = plan.bpm * beat
+    length = CLIP_SECONDS * qpm / 60.0
+    at = lambda q: min(CLIP_SAMPLES, max(0, round((q - start) * 60.0 / qpm * SAMPLE_RATE_HZ)))
     events: list[Event] = []
     base = int(rng.integers(72, 101))
     for ch, (program, notes) in enumerate(lines):
@@ -729,21 +796,21 @@ def clip_events(score: _Score, plan: ClipPlan, lines: list[tuple[int, list[_Note
             velocity = int(np.clip(base + accent + rng.normal(0, 5), 30, 127))
             events += [(on, 2, 0x90 | ch, n.pitch, velocity), (off, 1, 0x80 | ch, n.pitch, 0)]
     if plan.drums:
-        dc = _DRUM_CHANNEL
+        dc, beat_q = _DRUM_CHANNEL, beat
         events += [(0, 0, 0xB0 | dc, 7, 110), (0, 0, 0xB0 | dc, 91, 20), (0, 0, 0xC0 | dc, 0, 0)]
-        for k in range(int(np.ceil(length * 2))):
-            q = start + k / 2
+        for k in range(int(np.ceil(length / beat_q * 2))):
+            q = start + k * beat_q / 2
             if q >= start + length:
                 break
             bar = score.measure_starts[max(0, bisect_right(score.measure_starts, q + 1e-9) - 1)]
-            beat = q - bar
+            beat = (q - bar) / beat_q
             hits = [("hihat", 84 if k % 2 == 0 else 68)]
             if abs(beat - round(beat)) < 1e-6:
                 hits.append(("kick", 100) if round(beat) % 2 == 0 else ("snare", 90))
             for name, vel in hits:
                 velocity = int(np.clip(vel + rng.normal(0, 4), 30, 127))
                 events += [(at(q), 2, 0x90 | dc, _GM_DRUMS[name], velocity),
-                           (at(q + 0.25), 1, 0x80 | dc, _GM_DRUMS[name], 0)]
+                           (at(q + beat_q / 4), 1, 0x80 | dc, _GM_DRUMS[name], 0)]
     return sorted(events)
 
 
@@ -883,18 +950,45 @@ def finish(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(audio * gain * 32767), -32767, 32767).astype(np.int16)
 
 
-def render_clip(score: _Score, plan: ClipPlan, soundfont: Path = SOUNDFONT) -> tuple[np.ndarray, float, list[int]]:
-    """(int16 audio, excerpt start in quarters, GM programs high to low) of one planned clip."""
-    rng = np.random.default_rng(plan.seed)
-    length = CLIP_SECONDS * plan.bpm / 60.0
+def choose_clip(score: _Score, plan: ClipPlan, rng: np.random.Generator
+                ) -> tuple[float, list[tuple[int, list[_Note]]], float]:
+    """(excerpt start in quarters, line-up as :func:`arrange` gives it, beat in quarters) of one planned
+    clip: the excerpt and its line-up are chosen for the score's first-guess beat, then the beat is that
+    of the notes played (:func:`excerpt_beat`)."""
+    length = CLIP_SECONDS * plan.bpm * score.pulse / 60.0
     start = choose_excerpt(score, length, rng)
     lines = arrange(score, plan, rng, start, length)
-    events = clip_events(score, plan, lines, start, rng)
+    return start, lines, excerpt_beat([n for _, notes in lines for n in notes], start, plan.bpm, score.end)
+
+
+@dataclass(frozen=True)
+class RenderedClip:
+    pcm: np.ndarray                   # int16, CLIP_SAMPLES
+    start_quarter: float              # the excerpt's offset in the score
+    programs: list[int]               # GM programs, high to low
+    beat_quarters: float              # :func:`excerpt_beat`
+    onsets: tuple[float, ...]         # :func:`onset_times`
+
+
+def onset_times(events: Sequence[Event]) -> tuple[float, ...]:
+    """Seconds at which notes or beat-marking drums (kick, snare; not the hi-hat's half beats) start, one
+    entry per distinct time: the events a listener counts as the pulse of the music."""
+    hihat = _GM_DRUMS["hihat"]
+    samples = {sample for sample, _, status, key, velocity in events          # velocity 0 is a note-off
+               if status & 0xF0 == 0x90 and velocity > 0 and not ((status & 0x0F) == _DRUM_CHANNEL and key == hihat)}
+    return tuple(round(sample / SAMPLE_RATE_HZ, 4) for sample in sorted(samples))
+
+
+def render_clip(score: _Score, plan: ClipPlan, soundfont: Path = SOUNDFONT) -> RenderedClip:
+    """Audio and facts of one planned clip."""
+    rng = np.random.default_rng(plan.seed)
+    start, lines, beat = choose_clip(score, plan, rng)
+    events = clip_events(score, plan, lines, start, beat, rng)
     try:
         pcm = finish(synthesize(events, soundfont), rng)
     except DemoDataError as e:
         raise DemoDataError(f"{plan.clip_id} (from quarter {start}): {e}") from e
-    return pcm, start, list(dict.fromkeys(p for p, _ in lines))
+    return RenderedClip(pcm, start, list(dict.fromkeys(p for p, _ in lines)), beat, onset_times(events))
 
 
 def _render_piece(task: tuple[Piece, list[ClipPlan], dict[str, str], str, str]) -> list[ClipFacts]:
@@ -905,14 +999,15 @@ def _render_piece(task: tuple[Piece, list[ClipPlan], dict[str, str], str, str]) 
     score = load_score(piece)
     facts = []
     for plan in plans:
-        pcm, start, programs = render_clip(score, plan, Path(soundfont))
-        sf.write(Path(audio_dir) / f"{plan.clip_id}.wav", pcm, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV")
+        clip = render_clip(score, plan, Path(soundfont))
+        sf.write(Path(audio_dir) / f"{plan.clip_id}.wav", clip.pcm, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV")
         facts.append(ClipFacts(
             clip_id=plan.clip_id, piece=piece.name, title=score.title, composer=piece.composer,
             era=piece.era, kind=piece.kind, family=plan.family,
-            instruments=tuple((p, INSTRUMENTS[p].gm_name) for p in programs),
-            solo=plan.solo, drums=plan.drums, bpm=plan.bpm, tempo_class=plan.tempo_class,
-            key=score.key, mode=score.mode, split=splits[plan.clip_id], start_quarter=start))
+            instruments=tuple((p, INSTRUMENTS[p].gm_name) for p in clip.programs),
+            solo=plan.solo, drums=plan.drums, bpm=plan.bpm, beat_quarters=clip.beat_quarters,
+            onsets=clip.onsets, tempo_class=plan.tempo_class,
+            key=score.key, mode=score.mode, split=splits[plan.clip_id], start_quarter=clip.start_quarter))
     return facts
 
 
@@ -1139,7 +1234,7 @@ def write_example_clips(data: DemoData, dest: Path, n: int = 4) -> list[Path]:
         names = ", ".join(name for _, name in c.instruments)
         lines.append(f"| {c.audio_name} | {c.piece} ({c.composer}) | {c.era} | {c.family} | {names} | "
                      f"{'solo' if c.solo else 'ensemble'} | {'yes' if c.drums else 'no'} | "
-                     f"{c.tempo_class}, {c.bpm} BPM | {c.key} |")
+                     f"{c.tempo_class}, {c.bpm} BPM of {beat_name(c.beat_quarters)} notes | {c.key} |")
     (dest / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _write_json(dest / "clips.json", [c.to_json() for c in chosen])
     return paths

@@ -175,7 +175,7 @@ def file_digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m examples.demo_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch folder for the stages' outputs")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
@@ -211,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"seconds": {k: round(v, 1) for k, v in seconds.items()}, "total_seconds": round(total, 1)}
     (args.work / "last_run.json").write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from examples.cli import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -158,10 +158,49 @@ def test_drums_are_audible():
     score = dd.load_score(FAST[0])
     for plan in dd.plan_clips(FAST[:1], dd.DEFAULT_RENDERINGS, seed=0):
         plan = dataclasses.replace(plan, tempo_class="fast", bpm=140)
-        with_drums, _, _ = dd.render_clip(score, dataclasses.replace(plan, drums=True))
-        without, _, _ = dd.render_clip(score, dataclasses.replace(plan, drums=False))
+        with_drums = dd.render_clip(score, dataclasses.replace(plan, drums=True)).pcm
+        without = dd.render_clip(score, dataclasses.replace(plan, drums=False)).pcm
         assert _high_band_share(with_drums) > 1.2 * _high_band_share(without), plan.family
         assert _pulse(with_drums, plan.bpm) > 1.5 * _pulse(without, plan.bpm), plan.family
+
+
+def _note_onsets(score, plan) -> int:
+    """Distinct note-on times of the clip's instruments (not drums)."""
+    rng = np.random.default_rng(plan.seed)
+    start, lines, beat = dd.choose_clip(score, plan, rng)
+    events = dd.clip_events(score, dataclasses.replace(plan, drums=False), lines, start, beat, rng)
+    return len({sample for sample, _, status, _, _ in events if status & 0xF0 == 0x90})
+
+
+def test_bpm_is_the_rate_of_the_notes_heard():
+    """The tempo label is audible without drums: a clip's notes start about once per beat (the beat is
+    a plain or dotted note value, so not exactly), whatever the piece's note values; a quarter-note
+    BPM would be off by 2-8x for a Palestrina mass or a reel."""
+    ratios, beats = [], set()
+    for piece in FAST:
+        score = dd.load_score(piece)
+        for plan in dd.plan_clips([piece], dd.DEFAULT_RENDERINGS, seed=0):
+            ratios.append(_note_onsets(score, plan) / (dd.CLIP_SECONDS * plan.bpm / 60))
+            beats.add(dd.choose_clip(score, plan, np.random.default_rng(plan.seed))[2])
+    assert all(0.5 < r < 2.0 for r in ratios), sorted(ratios)          # never a whole octave off
+    assert 0.85 < float(np.median(ratios)) < 1.15, sorted(ratios)
+    assert len(beats) >= 3                                  # the pieces really move at different note values
+    # the same excerpt 2.4x faster has ~2.4x the onsets
+    score = dd.load_score(FAST[0])
+    plan = dd.plan_clips(FAST[:1], 1, seed=0)[0]
+    slow, fast = (_note_onsets(score, dataclasses.replace(plan, bpm=bpm)) for bpm in (60, 144))
+    assert 1.8 < fast / slow < 3.2, (slow, fast)
+
+
+def test_excerpt_beat():
+    eighths = [dd._Note(q / 2, q / 2 + 0.5, 60) for q in range(64)]
+    assert dd.excerpt_beat(eighths, 0.0, 120, end=32.0) == 0.5          # 10 beats in 5 s, 10 eighths
+    jig = [dd._Note(q * 1.5, q * 1.5 + 1.5, 60) for q in range(40)]     # dotted quarters
+    assert dd.excerpt_beat(jig, 0.0, 90, end=60.0) == 1.5
+    # the window may not run past the end of the score: a 6-quarter score of eighths at 60 BPM
+    assert dd.excerpt_beat(eighths[:12], 0.0, 60, end=6.0) == 0.5
+    assert dd.excerpt_beat(eighths[:12], 0.0, 60, end=2.0) == 0.375    # 5 beats of 0.375 fit, 5 of 0.5 not
+    assert dd.excerpt_beat(eighths[:12], 0.0, 60, end=0.5) == min(dd.BEAT_VALUES)  # nothing fits
 
 
 def test_full_plan_is_balanced():
@@ -205,3 +244,15 @@ def test_example_clips(data, tmp_path):
     assert all(facts[p.name].split == "heldout" for p in paths)
     readme = (tmp_path / "clips" / "README.md").read_text()
     assert all(p.name in readme for p in paths)
+
+
+def test_onsets_are_the_notes_and_the_beat_drums(data):
+    dc, kick, hihat = dd._DRUM_CHANNEL, dd._GM_DRUMS["kick"], dd._GM_DRUMS["hihat"]
+    events = [(0, 0, 0xC0, 0, 0), (0, 2, 0x90, 60, 90), (0, 2, 0x90 | 1, 64, 90), (12_000, 2, 0x90 | dc, hihat, 80),
+              (24_000, 1, 0x80, 60, 0), (24_000, 2, 0x90 | dc, kick, 100), (36_000, 2, 0x90, 62, 0)]
+    # note-ons at 0 (two channels, one onset) and the kick at 1 s; not the hi-hat, not a velocity-0 note-on
+    assert dd.onset_times(events) == (0.0, 1.0)
+    for clip in data.clips:
+        assert list(clip.onsets) == sorted(set(clip.onsets)) and all(0 <= t < dd.CLIP_SECONDS for t in clip.onsets)
+        # the beat was chosen so that the notes start about once per beat (drums add kick/snare on beats)
+        assert 0.5 < len(clip.onsets) / (dd.CLIP_SECONDS * clip.bpm / 60) < 2.5, clip

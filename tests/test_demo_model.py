@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "examples" / "demo_bundle"
 CLIPS = ROOT / "examples" / "clips"
@@ -72,3 +74,35 @@ def test_training_pipeline_runs_every_stage(tmp_path):
         clip = next((tmp_path / "work" / "data" / "audio").glob("*.wav"))
         res = cap.caption(clip, max_new_tokens=4, temperature=0)
     assert res.timings.n_tokens >= 1
+
+
+def test_demo_eval_significance():
+    from math import isclose
+
+    from examples.demo_eval import p_at_least
+
+    assert p_at_least(0, 98, 0.337) == 1.0
+    assert isclose(p_at_least(10, 10, 0.5), 0.5**10)
+    assert isclose(p_at_least(2, 3, 0.5), 0.5)                   # 3 of 8 outcomes have 2 hits, 1 has 3
+    assert p_at_least(46, 98, 0.337) < 0.01 < p_at_least(40, 98, 0.337)
+
+
+def test_demo_scripts_print_typed_errors_without_traceback(tmp_path, capsys):
+    from examples.cli import run_main
+    from mullama_sdk.errors import BundleError
+
+    def broken(argv):
+        raise BundleError("manifest version 9 is newer than this SDK (reads 1)")
+
+    assert run_main(broken) == 2
+    assert capsys.readouterr().err == "error: manifest version 9 is newer than this SDK (reads 1)\n"
+
+    def bug(argv):
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):                                # a bug keeps its traceback
+        run_main(bug)
+    proc = subprocess.run([sys.executable, "-m", "examples.demo_eval", "--bundle", str(tmp_path / "none"),
+                           "--data", str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "make demo-model" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()                      # the bundle is checked before rendering
