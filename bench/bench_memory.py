@@ -1,13 +1,14 @@
 """Memory of a loaded Captioner vs the bundle files it loads: does anything sit in memory twice?
 
-Launch:  .venv/bin/python -m bench.bench_memory [--variants int8:q4_k_m int8:q8_0 fp32:q4_k_m --new-tokens 16]
+Launch:  .venv/bin/python -m bench.bench_memory [--variants int8:q4_k_m int8:q4_k_m:low ... --new-tokens 16]
 
 Bundle: the real-width benchmark bundle of :mod:`bench.assets` (LLaMA-2-7B widths with 4 layers, MERT-v1-330M
-shape, MU-LLaMA adapter; random weights). Each variant (encoder precision : GGUF) runs in a fresh child
-process, which
+shape, MU-LLaMA adapter; random weights). Each variant (encoder precision : GGUF [: ``low`` for
+``low_memory=True``]) runs in a fresh child process, which
 
 1. imports everything and initialises llama.cpp (the baseline: libraries are not model memory);
-2. ``Captioner.from_pretrained(bundle, encoder_precision=..., quant=..., n_threads=2)`` -> "after load";
+2. ``Captioner.from_pretrained(bundle, encoder_precision=..., quant=..., n_threads=2, low_memory=...)`` ->
+   "after load";
 3. captions one 10 s clip (greedy, ``--new-tokens`` tokens) -> "after first caption".
 
 At each point it reads ``/proc/self/status`` (VmRSS, RssAnon, RssFile) and ``/proc/self/smaps_rollup``
@@ -21,7 +22,8 @@ ONNX Runtime sessions (after creation and after two runs), the GGUF (after load,
 first decode) - and the knobs that trade that memory for speed: ONNX Runtime's weight prepacking
 (``session.disable_prepacking``) and CPU memory arena (``enable_cpu_mem_arena``), llama.cpp's CPU weight
 repacking (``llama_model_params.use_extra_bufts``). Their speed cost is measured interleaved in one process
-(encoder: 10 s windows in random order; LLM: decode steps in random order).
+(encoder: 10 s windows in random order; LLM: decode steps in random order; the whole Captioner with and
+without ``low_memory``: 10 s captions in random order).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def _child(args: argparse.Namespace) -> None:
     from native_bridge import InjectionHook
     from tests.assets.make_assets import write_test_audio
 
-    prec, quant = args.variant.split(":")
+    prec, quant, *mode = args.variant.split(":")
+    low = mode == ["low"]
     bundle = Path(args.bundle)
     manifest = load_manifest(bundle)
     choice = choose_encoder_backend(manifest, device="cpu", encoder_backend="onnxruntime", encoder_precision=prec)
@@ -126,7 +129,8 @@ def _child(args: argparse.Namespace) -> None:
     np.zeros(1)
     points = {"baseline": snapshot()}
     t0 = time.perf_counter()
-    cap = Captioner.from_pretrained(bundle, device="cpu", encoder_precision=prec, quant=quant, n_threads=2)
+    cap = Captioner.from_pretrained(bundle, device="cpu", encoder_precision=prec, quant=quant, n_threads=2,
+                                    low_memory=low)
     load_s = time.perf_counter() - t0
     points["after load"] = snapshot()
     t0 = time.perf_counter()
@@ -155,30 +159,16 @@ COMPONENTS = [
 def _ort_session(path: Path, prepack: bool = True, arena: bool = True):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.inter_op_num_threads = 1
-    opts.enable_cpu_mem_arena = arena
-    if not prepack:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from mullama_sdk.encoder import session_options
+
+    return ort.InferenceSession(str(path), session_options(2, prepack=prepack, arena=arena),
+                                providers=["CPUExecutionProvider"])
 
 
 def _llama(path: Path, repack: bool = True):
-    import llama_cpp
-
     from mullama_sdk.llm import LlamaModel
 
-    model = LlamaModel.__new__(LlamaModel)  # LlamaModel with one parameter the SDK does not expose
-    model._lc, model.path = llama_cpp, path
-    params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = repack
-    model._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model._model:
-        raise RuntimeError(f"llama.cpp could not load {path}")
-    model._vocab = llama_cpp.llama_model_get_vocab(model._model)
-    model.n_vocab = llama_cpp.llama_vocab_n_tokens(model._vocab)
-    return model
+    return LlamaModel(path, repack_weights=repack)
 
 
 def _ort_feed(sess, rng) -> dict:
@@ -260,6 +250,29 @@ def _child_speed(args: argparse.Namespace) -> None:
     out["llm"] = {k: statistics.median(v) for k, v in ltimes.items()}
     for c in ctxs.values():
         c.close()
+    del ctxs, models
+    # The whole Captioner, default vs low_memory=True, captions interleaved (both on the same q4_k_m bundle).
+    from mullama_sdk import Captioner
+    from tests.assets.make_assets import write_test_audio
+
+    audio = write_test_audio(Path(args.tmp))["music_24k_mono_10s.wav"]
+    caps = {low: Captioner.from_pretrained(bundle, device="cpu", encoder_precision="int8", quant="q4_k_m",
+                                           n_threads=2, low_memory=low) for low in (False, True)}
+    parts: dict[bool, dict[str, list[float]]] = {low: {"encode": [], "prefill": [], "decode": [], "total": []}
+                                                 for low in caps}
+    for rep in range(args.speed_reps + 1):
+        for low in order.sample(list(caps), len(caps)):
+            t0 = time.perf_counter()
+            res = caps[low].caption(audio, max_new_tokens=16, temperature=0)
+            total = time.perf_counter() - t0
+            if rep:
+                t = res.timings
+                for key, value in (("encode", t.encode_ms + t.adapter_ms), ("prefill", t.prefill_ms),
+                                   ("decode", t.decode_ms / max(1, t.n_tokens)), ("total", 1e3 * total)):
+                    parts[low][key].append(value)
+    out["captioner"] = {str(low): {k: statistics.median(v) for k, v in d.items()} for low, d in parts.items()}
+    for c in caps.values():
+        c.close()
     print(json.dumps(out))
 
 
@@ -270,7 +283,7 @@ def _run_json(cmd: list[str], what: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def profile(bundle: Path, args: argparse.Namespace) -> tuple[str, str]:
+def profile(bundle: Path, args: argparse.Namespace, tmp: Path) -> tuple[str, str, float]:
     """(components table, knobs table) from fresh child processes."""
     me = [sys.executable, "-m", "bench.bench_memory", "--bundle", str(bundle)]
     rows, loaded = [], {}
@@ -290,7 +303,7 @@ def profile(bundle: Path, args: argparse.Namespace) -> tuple[str, str]:
     comp = markdown_table(["component (alone)", "file GB", "loaded RSS+ GB", "anon / file GB", "/ file",
                            "used RSS+ GB", "anon / file GB", "/ file"], rows)
     sp = _run_json(me + ["--child-speed", "--speed-reps", str(args.speed_reps), "--speed-steps",
-                         str(args.speed_steps)], "knob speed")
+                         str(args.speed_steps), "--tmp", str(tmp)], "knob speed")
     enc, llm = sp["encoder"], sp["llm"]
     knobs = markdown_table(["knob", "default", "knob set", "time vs default"], [
         ["ONNX Runtime prepacking off (encoder int8, 10 s window)", f"{enc['default']:.2f} s",
@@ -299,6 +312,11 @@ def profile(bundle: Path, args: argparse.Namespace) -> tuple[str, str]:
          f"{enc['arena off']:.2f} s", f"{enc['arena off'] / enc['default']:.2f}x"],
         ["llama.cpp repacking off (q4_k_m decode, ms/token)", f"{1e3 * llm['default']:.1f}",
          f"{1e3 * llm['repack off']:.1f}", f"{llm['repack off'] / llm['default']:.2f}x"],
+        *[[f"`Captioner(low_memory=True)`, int8 + q4_k_m, 10 s clip: {label}", f"{cap['False'][key]:.0f} ms",
+           f"{cap['True'][key]:.0f} ms", f"{cap['True'][key] / cap['False'][key]:.2f}x"]
+          for cap in [sp["captioner"]]
+          for key, label in (("encode", "encode + adapter"), ("prefill", "prefill"),
+                             ("decode", "decode per token"), ("total", "whole caption (16 tokens)"))],
     ])
     lean = [loaded[k] for k in ("encoder int8, prepacking off", "adapter int8", "LLM q4_k_m, repack off")]
     lean_ratio = sum(m for m, _ in lean) / sum(f for _, f in lean)
@@ -316,8 +334,9 @@ def run_child(bundle: Path, variant: str, new_tokens: int, tmp: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["int8:q4_k_m", "int8:q8_0"],
-                    help="encoder precision:GGUF quant, each in its own process (fp32:q4_k_m peaks at ~6.5 GB)")
+    ap.add_argument("--variants", nargs="+", default=["int8:q4_k_m", "int8:q4_k_m:low", "int8:q8_0", "int8:q8_0:low"],
+                    help="encoder precision:GGUF quant[:low = Captioner(low_memory=True)], each in its own "
+                         "process (fp32:q4_k_m peaks at ~6.5 GB)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--speed-reps", type=int, default=5, help="profile: encoder runs per knob")
     ap.add_argument("--speed-steps", type=int, default=32, help="profile: decode steps per knob")
@@ -340,7 +359,7 @@ def main() -> int:
         _child_speed(args)
         return 0
     if args.quick:
-        args.variants, args.speed_reps, args.speed_steps = args.variants[:1], 2, 8
+        args.variants, args.speed_reps, args.speed_steps = args.variants[:2], 2, 8
 
     import tempfile
 
@@ -392,7 +411,7 @@ def main() -> int:
     base_rss = first["points"]["baseline"]["VmRSS"] / GB
     body = (f"Benchmark bundle `{bundle.name}` (LLaMA-2-7B widths with {BUNDLE['n_layers']} layers, MERT-330M "
             f"shape, real-width adapter; random weights), `n_ctx` {first['n_ctx']}, 2 threads, one child process "
-            f"per row group; '+' = above the baseline after imports and llama.cpp init ({base_rss:.2f} GB for "
+            f"per row group, `:low` = `low_memory=True`; '+' = above the baseline after imports and llama.cpp init ({base_rss:.2f} GB for "
             f"`{v0}`).\n\n{table}\n\n{files_table}")
     targets = [Target(f"RSS of a loaded Captioner ({v0}) / its bundle files, after load and after the first "
                       "caption (worse of the two)", "<= 1.15x", f"{worst:.2f}x", worst <= TARGET_RATIO)]
@@ -404,7 +423,8 @@ def main() -> int:
              "after loading (llama.cpp reads them all at load: RssFile). PSS = RSS here: nothing is shared with "
              "another process; USS is what this process alone holds.")
     if not args.no_profile:
-        comp, knobs, lean_ratio = profile(bundle, args)
+        with tempfile.TemporaryDirectory() as ptmp:
+            comp, knobs, lean_ratio = profile(bundle, args, Path(ptmp))
         print()
         print(comp)
         print()
@@ -421,7 +441,9 @@ def main() -> int:
                   "q8_0 is not repacked. (2) ONNX Runtime prepacks the int8 MatMul weights at session creation "
                   "and keeps them beside the initializers. (3) ONNX Runtime's CPU arena keeps the activation "
                   "memory of the largest window run so far (it grows over the first two runs, then stays). "
-                  "The knobs table gives the price of turning each off; none of them is set by the SDK today. "
+                  "The knobs table gives the price of turning each off; `Captioner.from_pretrained(low_memory=True)` "
+                  "turns all three off (the `:low` rows above; `mullama caption --low-memory`), the default keeps "
+                  "them on (speed first). "
                   f"With prepacking and repacking off, the components' loaded memory adds up to {lean_ratio:.2f}x "
                   "their files (int8 encoder + int8 adapter + q4_k_m), i.e. no duplicate remains; the activation "
                   "arena and the KV cache come on top once a caption runs.")

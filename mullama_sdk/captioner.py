@@ -162,6 +162,7 @@ class Captioner:
         hook_backend: str = "auto",
         max_window_seconds: float | None = None,
         encoder_backend: str = "auto",
+        low_memory: bool = False,
     ) -> Captioner:
         """Validate a bundle folder, then load its encoder, adapter and LLM.
 
@@ -185,6 +186,13 @@ class Captioner:
             max_window_seconds: Longest window the encoder sees (default: the bundle's, 30 s).
             encoder_backend: ``"auto"``, ``"tensorrt"`` (engines from ``mullama-export trt``; raises
                 BackendUnavailableError with the reason when they cannot run here) or ``"onnxruntime"``.
+            low_memory: Keep no second copy of any weights and no activation arena between calls: ONNX
+                Runtime without weight prepacking and without its CPU arena, llama.cpp without weight
+                repacking. Resident memory then stays near the size of the loaded files, the KV cache
+                and one window's activations on top, and does not grow with later calls (measured at
+                real widths, int8 + q4_k_m: 1.12x the files after load, 1.17x after captions, vs 1.46x /
+                1.66x-1.85x by default); a 10 s caption takes 1.21x as long, mostly in the encoder
+                (bench/RESULTS.md, memory section). Outputs are unchanged up to float rounding.
 
         Raises:
             BundleError: missing/corrupt files, dims that disagree, unknown variants.
@@ -216,8 +224,8 @@ class Captioner:
         gguf_path = safe_member(bundle_dir, manifest.llm[quant])
         check_gguf_dims(gguf_path, manifest)
 
-        encoder = open_encoder(choice, bundle_dir, manifest, n_threads=n_threads)
-        model = LlamaModel(gguf_path, n_gpu_layers=999 if on_gpu else 0)
+        encoder = open_encoder(choice, bundle_dir, manifest, n_threads=n_threads, low_memory=low_memory)
+        model = LlamaModel(gguf_path, n_gpu_layers=999 if on_gpu else 0, repack_weights=not low_memory)
         d = manifest.dims
         if (model.n_embd, model.n_layer, model.n_vocab) != (d.n_embd, d.n_layer, d.n_vocab):
             model.close()

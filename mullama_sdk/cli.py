@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--n-ctx", type=int, default=1024)
     c.add_argument("--exact", action="store_true", help="llama.cpp without flash attention, F32 KV (slower)")
+    c.add_argument("--low-memory", action="store_true",
+                   help="no second copy of weights, no activation arena: less memory, slower")
     c.add_argument("--json", action="store_true", help="print one JSON object per file")
     return p
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         cap = Captioner.from_pretrained(
             args.bundle, device=args.device, n_threads=args.threads, n_ctx=args.n_ctx,
             encoder_precision=args.encoder_precision, quant=args.quant, exact=args.exact,
-            encoder_backend=args.encoder_backend,
+            encoder_backend=args.encoder_backend, low_memory=args.low_memory,
         )
     except (MullamaError, ValueError) as e:
         print(f"mullama: error: {e}", file=sys.stderr)

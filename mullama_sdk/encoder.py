@@ -48,15 +48,33 @@ def choose_providers(device: str) -> list[str]:
     return [_CPU]
 
 
+def session_options(n_threads: int | None, *, prepack: bool = True, arena: bool = True):
+    """ONNX Runtime session options as the SDK sets them.
+
+    ``prepack=False`` (``session.disable_prepacking``) keeps ORT from storing a re-laid-out copy of the
+    int8 MatMul weights beside the originals; ``arena=False`` (``enable_cpu_mem_arena``) returns activation
+    memory after each run instead of keeping the largest run's. Both save memory and cost speed: see
+    bench/RESULTS.md, memory section.
+    """
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    if n_threads:
+        opts.intra_op_num_threads = n_threads
+    opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = arena
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts
+
+
 class OnnxMusicEncoder:
     """Owns the two ONNX Runtime sessions; thread-safe (ORT sessions allow concurrent ``run``)."""
 
-    def __init__(self, encoder_path: Path, adapter_path: Path, *, providers: list[str], n_threads: int | None):
+    def __init__(self, encoder_path: Path, adapter_path: Path, *, providers: list[str], n_threads: int | None,
+                 low_memory: bool = False):
         ort = _import_ort()
-        opts = ort.SessionOptions()
-        if n_threads:
-            opts.intra_op_num_threads = n_threads
-        opts.inter_op_num_threads = 1
+        opts = session_options(n_threads, prepack=not low_memory, arena=not low_memory)
+        self.low_memory = low_memory
         self.providers = providers
         self._encoder = self._session(ort, encoder_path, opts, ENCODER_INPUTS, ENCODER_OUTPUTS)
         self._adapter = self._session(ort, adapter_path, opts, ADAPTER_INPUTS, ADAPTER_OUTPUTS)

@@ -163,15 +163,18 @@ def choose_encoder_backend(manifest: Manifest, *, device: str = "auto", encoder_
     return choice
 
 
-def open_encoder(choice: EncoderChoice, bundle_dir: Path, manifest: Manifest, *, n_threads: int | None) -> Any:
-    """Load the chosen encoder; TensorRT that fails to load falls back to ONNX Runtime unless forced."""
+def open_encoder(choice: EncoderChoice, bundle_dir: Path, manifest: Manifest, *, n_threads: int | None,
+                 low_memory: bool = False) -> Any:
+    """Load the chosen encoder; TensorRT that fails to load falls back to ONNX Runtime unless forced.
+    ``low_memory`` applies to ONNX Runtime (see :func:`mullama_sdk.encoder.session_options`)."""
     from mullama_sdk.encoder import OnnxMusicEncoder
 
     enc_onnx = safe_member(bundle_dir, manifest.encoder[choice.onnx_precision])
     ad_onnx = safe_member(bundle_dir, manifest.adapter[choice.onnx_precision])
 
     def onnx_encoder() -> OnnxMusicEncoder:
-        return OnnxMusicEncoder(enc_onnx, ad_onnx, providers=list(choice.providers), n_threads=n_threads)
+        return OnnxMusicEncoder(enc_onnx, ad_onnx, providers=list(choice.providers), n_threads=n_threads,
+                                low_memory=low_memory)
 
     if choice.trt is not None:
         try:

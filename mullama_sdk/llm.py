@@ -83,7 +83,12 @@ def _ensure_backend() -> None:
 class LlamaModel:
     """A loaded GGUF (weights + vocabulary). Shareable by several :class:`LlamaContext` objects."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, load_mode: int | None = None) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, load_mode: int | None = None,
+                 repack_weights: bool = True) -> None:
+        """``repack_weights=False`` turns off llama.cpp's CPU weight repacking (``use_extra_bufts``): Q4_K
+        weights are then not copied into the interleaved layout of its AVX2 kernels, which saves a second
+        copy of them in memory (+0.39 GB for 0.67 GB of q4_k_m at 4 layers of 7B) but decodes slower
+        (bench/RESULTS.md, memory section). Other quantizations are not repacked either way."""
         _ensure_backend()
         self._lc = lc = _llama_cpp()
         self._model = None
@@ -92,6 +97,8 @@ class LlamaModel:
             raise BundleError(f"GGUF not found: {self.path}")
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack_weights
+        self.repack_weights = repack_weights
         if load_mode is not None:
             params.load_mode = load_mode
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)

@@ -119,6 +119,7 @@ def test_cli_json_equals_reference_cli(tiny_bundle, tiny_assets):
     common = ["--max-new-tokens", "32", "--json"]
     sdk = subprocess.run([sys.executable, "-m", "mullama_sdk", "caption", *clips, "--bundle", str(tiny_bundle),
                           "--quant", "f32", "--encoder-precision", "fp32", "--exact", "--temperature", "0",
+                          "--low-memory",  # changes memory, not answers
                           "--question", "What do you hear in the audio?", *common],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     ref = subprocess.run([sys.executable, "-m", "training.reference", "--checkpoint", str(tiny_assets.checkpoint),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from mullama_sdk import Captioner, ContextLengthError
@@ -101,3 +102,25 @@ def test_close_is_idempotent_and_final(tiny_bundle, clip):
     c.close()
     with pytest.raises(RuntimeError, match="closed"):
         c.caption(clip)
+
+
+@pytest.mark.parametrize("precision,quant", [("fp32", "f32"), ("int8", "q4_k_m")])
+def test_low_memory_sets_the_knobs_and_keeps_the_answers(tiny_bundle, clip, precision, quant):
+    """low_memory=True: ORT without prepacking and arena, llama.cpp without repacking; same music vectors
+    (to float rounding) and the same greedy caption."""
+    out = {}
+    for low in (False, True):
+        with Captioner.from_pretrained(tiny_bundle, encoder_precision=precision, quant=quant, n_threads=1,
+                                       low_memory=low) as c:
+            opts = c._encoder._encoder.get_session_options()
+            assert opts.enable_cpu_mem_arena is not low
+            if low:
+                assert opts.get_session_config_entry("session.disable_prepacking") == "1"
+            else:  # ORT's default (prepacking on) is an absent key
+                with pytest.raises(RuntimeError):
+                    opts.get_session_config_entry("session.disable_prepacking")
+            assert c._model.repack_weights is not low
+            vec = c.encode(clip)
+            out[low] = (vec, c.ask(vec, "Describe the audio", max_new_tokens=12, temperature=0).tokens)
+    np.testing.assert_allclose(out[True][0].injection, out[False][0].injection, rtol=1e-4, atol=1e-5)
+    assert out[True][1] == out[False][1]
