@@ -137,9 +137,9 @@ def shape_bundle(
 ) -> Path:
     """A bundle of :func:`shape_assets`, made with the exporter's functions one step per child process.
 
-    :func:`export.bundle.build_bundle` holds the float32 torch music model (MERT + the 2.7 GB adapter) while
-    it quantizes and verifies the ONNX variants; at real widths that peaks at ~15.6 GB (measured), too much
-    beside other jobs. Here the same functions run in separate processes - ONNX fp32 export
+    :func:`export.bundle.build_bundle` peaks at 12.8 GB on these sources (its automatic llama.cpp check holds
+    the whole float32 torch model beside an f32 GGUF; before the music export moved to a child process it was
+    15.7 GB), too much beside other jobs. Here the same functions run in separate processes - ONNX fp32 export
     (``export_encoder`` / ``export_adapter``), each ``quantize_int8`` / ``convert_fp16``, the GGUF
     (``write_gguf`` + ``quantize_gguf``), the manifest (``export.bundle``'s own writer) - so the peak is
     the largest single step (``quantize_int8`` of the adapter, ~8.5 GB, once). The torch comparison is

@@ -58,6 +58,11 @@ class BundleOptions:
         n_ctx_train: Context length written into the GGUF.
         overwrite: Replace an existing bundle at ``out``.
         strict: Fail the export when a verification row fails (otherwise it is recorded and logged).
+        isolate_music_export: Export the float32 ONNX graphs (and compute the torch outputs the checks
+            compare them with) in a child process, so that none of the torch model's memory - including
+            what the ONNX exporter keeps referenced and the checkpoint pages it touched - is held while
+            the variants are quantized; ``None`` = when the music model is big
+            (:data:`ISOLATE_MUSIC_EXPORT_PARAMS`).
     """
 
     quants: tuple[str, ...] = ("q4_k_m",)
@@ -67,6 +72,7 @@ class BundleOptions:
     n_ctx_train: int = 4096
     overwrite: bool = False
     strict: bool = True
+    isolate_music_export: bool | None = None
 
     def __post_init__(self) -> None:
         for q in self.quants:
@@ -119,11 +125,11 @@ def build_bundle(
     import torch
 
     from export.gguf_export import write_gguf
-    from export.onnx_export import export_adapter, export_encoder
+    from export.music_job import MusicJob, run_in_child
     from export.onnx_precision import convert_fp16, quantize_int8
     from export.quantize import quantize_gguf
     from export.verify import check_windows, format_table, llm_checks, onnx_checks
-    from training.loading import build_model, build_music_model, open_sources
+    from training.loading import build_model, open_sources
 
     say = progress or (lambda msg: log.info("%s", msg))
     out = Path(out)
@@ -138,11 +144,15 @@ def build_bundle(
     except OSError as e:
         raise BundleError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from e
     try:
-        say(f"music model: MERT {cfg.adapter.mert_dim}x{cfg.adapter.n_states - 1}, adapter -> {cfg.llama.dim}")
-        music = build_music_model(src)
-        encoders, adapters = {}, {}
-        encoders["fp32"] = export_encoder(music, tmp / "encoder.fp32.onnx").name
-        adapters["fp32"] = export_adapter(music, tmp / "adapter.fp32.onnx").name
+        isolate = options.isolate_music_export
+        if isolate is None:
+            isolate = _music_params(cfg) > ISOLATE_MUSIC_EXPORT_PARAMS and isinstance(checkpoint, (str, Path))
+        say(f"music model: MERT {cfg.adapter.mert_dim}x{cfg.adapter.n_states - 1}, adapter -> {cfg.llama.dim}"
+            + (" (exported in a child process)" if isolate else ""))
+        windows = check_windows(audio)
+        job = MusicJob(checkpoint, llama_dir, mert_dir, trust_pickle, tmp, tuple(windows), torch.get_num_threads())
+        reference = run_in_child(job) if isolate else job.run()
+        encoders, adapters = {"fp32": "encoder.fp32.onnx"}, {"fp32": "adapter.fp32.onnx"}
         for p in options.encoder_precisions:
             if p == "fp32":
                 continue
@@ -173,14 +183,12 @@ def build_bundle(
         manifest = parse_manifest(manifest_raw, where="new manifest")
 
         say("verify: ONNX graphs vs torch")
-        windows = check_windows(audio)
-        checks = onnx_checks(music, tmp, manifest, windows, threads=threads)
+        checks = onnx_checks(reference, tmp, manifest, threads=threads)
         verify_llm = options.verify_llm
         if verify_llm is None:
             verify_llm = _llama_params(cfg) <= AUTO_VERIFY_LLM_MAX_PARAMS
         if verify_llm:
             say("verify: llama.cpp (hooked) vs torch")
-            del music
             full = build_model(src, dtype=torch.float32)
             checks += llm_checks(full, tmp, manifest, windows, quants=llms, threads=threads)
             del full
@@ -215,6 +223,23 @@ def build_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: Music models (MERT + adapter) above this many parameters are exported in a child process by default
+#: (:attr:`BundleOptions.isolate_music_export`). Measured at real widths (MERT-330M shape + the 7B adapter, 4
+#: LLaMA layers): the ONNX part of the export peaked at 15.4 GB in one process, 14.4 GB when the model was
+#: merely deleted before quantizing (the exporter keeps graph modules referenced, and the touched checkpoint
+#: pages stay mapped); with the child: 8.0 GB in the child, 9.0 GB in the parent (int8 quantization of the
+#: 2.7 GB adapter), identical files. (That model's automatic llama.cpp check then peaks at 12.8 GB: the whole
+#: float32 torch model beside an f32 GGUF; a 7B model skips it, see AUTO_VERIFY_LLM_MAX_PARAMS.)
+ISOLATE_MUSIC_EXPORT_PARAMS = 200_000_000
+
+
+def _music_params(cfg) -> int:
+    """MERT + adapter parameters, from the config (HuBERT layers ~12 d^2, SwiGLU blocks 3 d h)."""
+    a = cfg.adapter
+    mert = (a.n_states - 1) * 12 * a.mert_dim * a.mert_dim
+    return mert + a.mert_dim * a.dim + a.n_blocks * 3 * a.dim * a.block_hidden
 
 
 def _source_date_epoch() -> int | None:

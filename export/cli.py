@@ -121,7 +121,7 @@ def _trt(args, say) -> int:
 
 
 def _verify(args, say) -> int:
-    from export.verify import check_windows, format_table, llm_checks, onnx_checks, trt_checks
+    from export.verify import check_windows, format_table, llm_checks, onnx_checks, onnx_reference, trt_checks
     from mullama_sdk.bundle import check_files, load_manifest
     from training.loading import build_model, build_music_model, open_sources
 
@@ -131,7 +131,7 @@ def _verify(args, say) -> int:
     model = build_music_model(src) if args.skip_llm else build_model(src)
     windows = check_windows(args.audio)
     say(f"verifying {args.bundle} against {args.checkpoint} on {len(windows)} windows")
-    checks = onnx_checks(model, args.bundle, manifest, windows, threads=args.threads)
+    checks = onnx_checks(onnx_reference(model, windows), args.bundle, manifest, threads=args.threads)
     if not args.skip_llm:
         checks += llm_checks(model, args.bundle, manifest, windows, threads=args.threads)
     checks += trt_checks(args.bundle, manifest, audio_files=args.audio, threads=args.threads)

@@ -44,10 +44,12 @@ __all__ = [
     "INT8_OP_TYPES",
     "ErrorReport",
     "OutputError",
+    "adapter_reference",
     "compare_adapter",
     "compare_encoder",
     "compare_onnx",
     "convert_fp16",
+    "encoder_reference",
     "quantize_int8",
 ]
 
@@ -282,56 +284,92 @@ class ErrorReport:
         return "\n".join(lines)
 
 
-def compare_encoder(
-    model: Any, onnx_path: str | os.PathLike[str], waveforms: Iterable[np.ndarray], *, threads: int | None = None
-) -> ErrorReport:
-    """Run the encoder graph on ONNX Runtime (CPU) and the torch reference on each waveform.
+def encoder_reference(model: Any, waveforms: Iterable[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The torch reference's encoder outputs (``state_means``, ``n_frames``) for each waveform: what
+    :func:`compare_encoder` holds an encoder graph to. Computed once, it outlives the torch model.
 
     Args:
         model: :class:`~training.model.MullamaModel` or :class:`~training.mert.MertEncoder`.
-        onnx_path: An encoder graph (any precision).
         waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 0.5 s .. 30 s.
-        threads: ONNX Runtime intra-op threads (default: its own choice).
     """
     import torch
 
     mert = getattr(model, "mert", model)
-    sess = _session(onnx_path, threads)
-    refs, outs = [], []
+    refs = []
     for w in waveforms:
-        w = np.ascontiguousarray(np.asarray(w, dtype=np.float32).reshape(1, -1))
         with torch.no_grad():
-            means, n_frames = mert(torch.from_numpy(w))
+            means, n_frames = mert(torch.from_numpy(_waveform_feed(w)))
         refs.append({"state_means": means[0].numpy(), "n_frames": np.asarray(n_frames, dtype=np.int64)})
-        outs.append(_run(sess, {"waveform": w}))
+    return refs
+
+
+def adapter_reference(model: Any, state_means_list: Iterable[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The torch reference's adapter outputs for each state-means input: ``a = model.music_query(h)`` and
+    ``model.injection_vectors(a)`` (unfolded).
+
+    Args:
+        model: :class:`~training.model.MullamaModel`.
+        state_means_list: ``(n_states, mert_dim)`` float32 arrays (frame-weighted over windows).
+    """
+    import torch
+
+    refs = []
+    for h in state_means_list:
+        with torch.no_grad():
+            a = model.music_query(torch.from_numpy(_means_feed(h)))
+            d = model.injection_vectors(a)
+        refs.append({"injection": d.float().numpy(), "music_query": a[0].float().numpy()})
+    return refs
+
+
+def _waveform_feed(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(w, dtype=np.float32).reshape(1, -1))
+
+
+def _means_feed(h: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(h, dtype=np.float32))
+
+
+def compare_encoder(
+    model: Any, onnx_path: str | os.PathLike[str], waveforms: Iterable[np.ndarray], *, threads: int | None = None,
+    reference: Sequence[dict[str, np.ndarray]] | None = None,
+) -> ErrorReport:
+    """Run the encoder graph on ONNX Runtime (CPU) and the torch reference on each waveform.
+
+    Args:
+        model: :class:`~training.model.MullamaModel` or :class:`~training.mert.MertEncoder`; may be None
+            when ``reference`` is given.
+        onnx_path: An encoder graph (any precision).
+        waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 0.5 s .. 30 s.
+        threads: ONNX Runtime intra-op threads (default: its own choice).
+        reference: :func:`encoder_reference` of these waveforms, computed earlier.
+    """
+    waveforms = list(waveforms)
+    refs = list(reference) if reference is not None else encoder_reference(model, waveforms)
+    sess = _session(onnx_path, threads)
+    outs = [_run(sess, {"waveform": _waveform_feed(w)}) for w in waveforms]
     return _report("encoder", Path(onnx_path).name, "torch", refs, outs)
 
 
 def compare_adapter(
     model: Any, onnx_path: str | os.PathLike[str], state_means_list: Iterable[np.ndarray], *,
-    threads: int | None = None,
+    threads: int | None = None, reference: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> ErrorReport:
     """Run the adapter graph on ONNX Runtime (CPU) and the torch reference on each state-means input.
 
     The reference is ``a = model.music_query(h)`` and ``model.injection_vectors(a)`` (unfolded).
 
     Args:
-        model: :class:`~training.model.MullamaModel`.
+        model: :class:`~training.model.MullamaModel`; may be None when ``reference`` is given.
         onnx_path: An adapter graph (any precision).
         state_means_list: ``(n_states, mert_dim)`` float32 arrays (frame-weighted over windows).
         threads: ONNX Runtime intra-op threads.
+        reference: :func:`adapter_reference` of these inputs, computed earlier.
     """
-    import torch
-
+    state_means_list = list(state_means_list)
+    refs = list(reference) if reference is not None else adapter_reference(model, state_means_list)
     sess = _session(onnx_path, threads)
-    refs, outs = [], []
-    for h in state_means_list:
-        h = np.ascontiguousarray(np.asarray(h, dtype=np.float32))
-        with torch.no_grad():
-            a = model.music_query(torch.from_numpy(h))
-            d = model.injection_vectors(a)
-        refs.append({"injection": d.float().numpy(), "music_query": a[0].float().numpy()})
-        outs.append(_run(sess, {"state_means": h}))
+    outs = [_run(sess, {"state_means": _means_feed(h)}) for h in state_means_list]
     return _report("adapter", Path(onnx_path).name, "torch", refs, outs)
 
 

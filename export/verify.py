@@ -107,25 +107,43 @@ def _onnx_row(graph: str, precision: str, report) -> Check:
                  bool(ok), f"{report.n_cases} inputs")
 
 
-def onnx_checks(model, bundle_dir: Path, manifest: Manifest, windows: Sequence[np.ndarray],
-                precisions: Iterable[str] | None = None, threads: int | None = None) -> list[Check]:
-    """Each ONNX graph of the bundle (every precision present) against the torch reference."""
-    import torch
+@dataclasses.dataclass(frozen=True)
+class OnnxReference:
+    """The torch music model's outputs on the check windows (:func:`onnx_reference`): everything
+    :func:`onnx_checks` needs, so the (multi-GB) torch model can be freed before the ONNX variants and the
+    GGUF are made, and is run once rather than once per precision."""
 
+    windows: tuple[np.ndarray, ...]
+    encoder: tuple[dict[str, np.ndarray], ...]      # per window: state_means, n_frames
+    adapter: tuple[dict[str, np.ndarray], ...]      # per window's state means: injection, music_query
+
+    @property
+    def state_means(self) -> list[np.ndarray]:
+        return [r["state_means"] for r in self.encoder]
+
+
+def onnx_reference(model, windows: Sequence[np.ndarray]) -> OnnxReference:
+    """Run the torch music model (:class:`~training.model.MullamaModel` or its music part) on ``windows``."""
+    from export.onnx_precision import adapter_reference, encoder_reference
+
+    encoder = encoder_reference(model, windows)
+    adapter = adapter_reference(model, [r["state_means"] for r in encoder])
+    return OnnxReference(tuple(windows), tuple(encoder), tuple(adapter))
+
+
+def onnx_checks(reference: OnnxReference, bundle_dir: Path, manifest: Manifest,
+                precisions: Iterable[str] | None = None, threads: int | None = None) -> list[Check]:
+    """Each ONNX graph of the bundle (every precision present) against the torch reference's outputs."""
     from export.onnx_precision import compare_adapter, compare_encoder
 
-    precisions = list(precisions or manifest.encoder)
-    with torch.no_grad():
-        means = []
-        for w in windows:
-            m, _ = model.mert(torch.from_numpy(np.ascontiguousarray(w, np.float32))[None])
-            means.append(m[0].numpy())
     rows = []
-    for p in precisions:
+    for p in list(precisions or manifest.encoder):
         rows.append(_onnx_row("encoder", p, compare_encoder(
-            model, safe_member(bundle_dir, manifest.encoder[p]), windows, threads=threads)))
+            None, safe_member(bundle_dir, manifest.encoder[p]), reference.windows, threads=threads,
+            reference=reference.encoder)))
         rows.append(_onnx_row("adapter", p, compare_adapter(
-            model, safe_member(bundle_dir, manifest.adapter[p]), means, threads=threads)))
+            None, safe_member(bundle_dir, manifest.adapter[p]), reference.state_means, threads=threads,
+            reference=reference.adapter)))
     return rows
 
 

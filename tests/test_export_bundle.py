@@ -130,3 +130,53 @@ def test_own_training_checkpoint_exports(tiny_assets, reference_model, tmp_path)
         got = cap.caption(clip, max_new_tokens=16, temperature=0)
     assert list(got.tokens) == reference_model.generate(clip, max_new_tokens=16, temperature=0).tokens
     assert json.loads((out / "mullama.json").read_text())["source"]["kind"] == "mullama"
+
+
+def test_torch_music_model_is_freed_before_quantizing(tiny_assets, tmp_path, monkeypatch):
+    """build_bundle keeps only the torch model's outputs for the checks: no MullamaModel is alive while the
+    int8 variants and the GGUF are made (at real size it is 4 GB under quantization's own peak)."""
+    import gc
+
+    import export.gguf_export
+    import export.onnx_precision
+    from training.model import MullamaModel
+
+    alive: dict[str, int] = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            gc.collect()
+            alive[name] = sum(isinstance(o, MullamaModel) for o in gc.get_objects())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(export.onnx_precision, "quantize_int8", spy("quantize_int8", export.onnx_precision.quantize_int8))
+    monkeypatch.setattr(export.gguf_export, "write_gguf", spy("write_gguf", export.gguf_export.write_gguf))
+    build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / "b",
+                 options=BundleOptions(quants=("f32",), encoder_precisions=("fp32", "int8"), verify_llm=False))
+    assert alive == {"quantize_int8": 0, "write_gguf": 0}
+
+
+def test_music_export_in_a_child_process_gives_the_same_bundle(tiny_assets, tmp_path, monkeypatch):
+    """isolate_music_export=True (the default for big music models) runs the torch part in a child process:
+    byte-identical files and the same verification."""
+    import hashlib
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    digests = {}
+    for isolate in (False, True):
+        out = build_bundle(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir, tmp_path / str(isolate),
+                           options=BundleOptions(quants=("f32",), encoder_precisions=("fp32", "int8"),
+                                                 verify_llm=False, isolate_music_export=isolate))
+        digests[isolate] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())}
+    assert digests[True] == digests[False]
+    assert "encoder.int8.onnx" in digests[True]
+
+
+def test_music_job_errors_come_back_typed(tiny_assets, tmp_path):
+    from export.music_job import MusicJob, run_in_child
+
+    job = MusicJob(tmp_path / "missing.pth", tiny_assets.llama_dir, tiny_assets.mert_dir, False, tmp_path, (), 1)
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        run_in_child(job)
+    assert list(tmp_path.iterdir()) == []                        # the job's files are cleaned up
