@@ -6,15 +6,15 @@ referenced after exporting it and the checkpoint pages it touched stay resident 
 (deleting the model freed ~1 GB of them, measured), and would sit under int8 quantization's own peak. A
 child gives all of it back when it exits. It is a fresh interpreter (``python -m export.music_job``), not
 a multiprocessing worker, so a caller's script needs no ``if __name__ == "__main__"`` guard; the job and
-the result (or the exception, re-raised in the parent) travel as pickle files in the bundle's temporary
-folder.
+the result (or the exception's type and message, re-raised in the parent) travel as JSON and .npz files in
+the bundle's temporary folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +23,17 @@ import numpy as np
 
 from mullama_sdk.errors import BundleError
 
-_JOB = ".music_job.pickle"
-_RESULT = ".music_job.result.pickle"
+_JOB = ".music_job.json"
+_WINDOWS = ".music_job.windows.npz"
+_RESULT = ".music_job.result.npz"
+_ERROR = ".music_job.error.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class MusicJob:
-    """Inputs of :meth:`run` (all picklable): the sources as :func:`training.loading.open_sources` takes
-    them, the folder for the two graphs, the check windows and torch's thread count (the same arithmetic
-    in a child as in the parent)."""
+    """Inputs of :meth:`run`: the sources as :func:`training.loading.open_sources` takes them (paths), the
+    folder for the two graphs, the check windows and torch's thread count (the same arithmetic in a child
+    as in the parent)."""
 
     checkpoint: Path
     llama_dir: Path
@@ -58,39 +60,93 @@ class MusicJob:
         return onnx_reference(music, list(self.windows))
 
 
-def run_in_child(job: MusicJob):
-    """:meth:`MusicJob.run` in a fresh Python process; its exception, if any, is raised here."""
+# The job and its result cross the process boundary as JSON and .npz files (no pickle: nothing here
+# unpickles, see tests/test_reliability_security.py), the error as its type name and message.
+def _save_job(job: MusicJob) -> Path:
     folder = Path(job.folder)
-    job_path, result_path = folder / _JOB, folder / _RESULT
-    with open(job_path, "wb") as f:
-        pickle.dump(job, f)
+    meta = {"checkpoint": str(job.checkpoint), "llama_dir": str(job.llama_dir), "mert_dir": str(job.mert_dir),
+            "trust_pickle": job.trust_pickle, "folder": str(folder), "torch_threads": job.torch_threads,
+            "n_windows": len(job.windows)}
+    np.savez(folder / _WINDOWS, *job.windows)
+    (folder / _JOB).write_text(json.dumps(meta))
+    return folder / _JOB
+
+
+def _load_job(job_path: Path) -> MusicJob:
+    meta = json.loads(job_path.read_text())
+    with np.load(job_path.parent / _WINDOWS, allow_pickle=False) as z:
+        windows = tuple(z[f"arr_{i}"] for i in range(meta["n_windows"]))
+    return MusicJob(Path(meta["checkpoint"]), Path(meta["llama_dir"]), Path(meta["mert_dir"]), meta["trust_pickle"],
+                    Path(meta["folder"]), windows, meta["torch_threads"])
+
+
+def _save_reference(ref, path: Path) -> None:
+    arrays = {}
+    for i, r in enumerate(ref.encoder):
+        arrays.update({f"encoder{i}.{k}": v for k, v in r.items()})
+    for i, r in enumerate(ref.adapter):
+        arrays.update({f"adapter{i}.{k}": v for k, v in r.items()})
+    np.savez(path, **arrays)
+
+
+def _load_reference(path: Path, windows: tuple[np.ndarray, ...]):
+    from export.verify import OnnxReference
+
+    with np.load(path, allow_pickle=False) as z:
+        def part(name: str, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], ...]:
+            return tuple({k: z[f"{name}{i}.{k}"] for k in keys} for i in range(len(windows)))
+
+        return OnnxReference(windows, part("encoder", ("state_means", "n_frames")),
+                             part("adapter", ("injection", "music_query")))
+
+
+def _error_type(name: str) -> type[Exception]:
+    """The exception class a child reported: ours (the :mod:`mullama_sdk.errors` family, ExportError) or
+    a builtin; anything else becomes :class:`BundleError`."""
+    import builtins
+
+    from export.graphs import ExportError
+    from mullama_sdk import errors
+
+    known = {cls.__name__: cls for cls in (ExportError, *vars(errors).values())
+             if isinstance(cls, type) and issubclass(cls, Exception)}
+    builtin = getattr(builtins, name, None)
+    if name in known:
+        return known[name]
+    if isinstance(builtin, type) and issubclass(builtin, Exception):
+        return builtin
+    return BundleError
+
+
+def run_in_child(job: MusicJob):
+    """:meth:`MusicJob.run` in a fresh Python process; its exception, if any, is raised here (same type)."""
+    folder = Path(job.folder)
+    job_path = _save_job(job)
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-m", "export.music_job", str(job_path)], env=env,
                               capture_output=True, text=True)
-        if not result_path.is_file():
+        if (folder / _ERROR).is_file():
+            err = json.loads((folder / _ERROR).read_text())
+            raise _error_type(err["type"])(err["message"])
+        if proc.returncode or not (folder / _RESULT).is_file():
             raise BundleError(f"the music model's ONNX export died in its child process (exit {proc.returncode}; "
                               f"out of memory?): {proc.stderr.strip()[-2000:]}")
-        with open(result_path, "rb") as f:
-            ok, value = pickle.load(f)
+        return _load_reference(folder / _RESULT, job.windows)
     finally:
-        job_path.unlink(missing_ok=True)
-        result_path.unlink(missing_ok=True)
-    if not ok:
-        raise value
-    return value
+        for name in (_JOB, _WINDOWS, _RESULT, _ERROR):
+            (folder / name).unlink(missing_ok=True)
 
 
 def _child_main(job_path: str) -> int:
-    with open(job_path, "rb") as f:
-        job = pickle.load(f)
+    job = _load_job(Path(job_path))
     try:
-        outcome = (True, job.run())
+        reference = job.run()
     except Exception as e:  # noqa: BLE001 - every error goes back to the parent, typed
-        outcome = (False, e)
-    with open(Path(job_path).parent / _RESULT, "wb") as f:
-        pickle.dump(outcome, f)
+        (Path(job.folder) / _ERROR).write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        return 1
+    _save_reference(reference, Path(job.folder) / _RESULT)
     return 0
 
 

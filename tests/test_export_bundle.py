@@ -141,12 +141,16 @@ def test_torch_music_model_is_freed_before_quantizing(tiny_assets, tmp_path, mon
     import export.onnx_precision
     from training.model import MullamaModel
 
+    def models_alive() -> int:
+        gc.collect()
+        return sum(type(o) is MullamaModel for o in gc.get_objects())  # type(): no attribute lookups
+
+    before = models_alive()          # other tests' session fixtures may hold reference models
     alive: dict[str, int] = {}
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
-            gc.collect()
-            alive[name] = sum(isinstance(o, MullamaModel) for o in gc.get_objects())
+            alive[name] = models_alive() - before
             return fn(*args, **kwargs)
         return wrapped
 
