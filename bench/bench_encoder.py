@@ -46,6 +46,7 @@ from export.onnx_export import export_encoder  # noqa: E402
 from export.onnx_precision import quantize_int8  # noqa: E402
 from mullama_sdk.audio import load_audio  # noqa: E402
 from mullama_sdk.constants import SAMPLE_RATE_HZ  # noqa: E402
+from mullama_sdk.encoder import session_options  # noqa: E402
 from tests.assets.make_assets import mert_330m_config  # noqa: E402
 from training.adapter import MusicAdapter  # noqa: E402
 from training.config import AdapterDims  # noqa: E402
@@ -105,9 +106,7 @@ def main() -> None:
         print(f"export fp32 {t1 - t0:.0f} s ({fp32.stat().st_size / 2**20:.0f} MiB), "
               f"int8 {t2 - t1:.0f} s ({int8.stat().st_size / 2**20:.0f} MiB)", flush=True)
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        opts.inter_op_num_threads = 1
+        opts = session_options(args.threads)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
                     for name, p in (("ort-fp32", fp32), ("ort-int8", int8))}

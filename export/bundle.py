@@ -125,7 +125,7 @@ def build_bundle(
     import torch
 
     from export.gguf_export import write_gguf
-    from export.music_job import MusicJob, run_in_child
+    from export.music_job import ADAPTER_FP32, ENCODER_FP32, MusicJob, run_in_child
     from export.onnx_precision import convert_fp16, quantize_int8
     from export.quantize import quantize_gguf
     from export.verify import check_windows, format_table, llm_checks, onnx_checks
@@ -152,7 +152,7 @@ def build_bundle(
         windows = check_windows(audio)
         job = MusicJob(checkpoint, llama_dir, mert_dir, trust_pickle, tmp, tuple(windows), torch.get_num_threads())
         reference = run_in_child(job) if isolate else job.run()
-        encoders, adapters = {"fp32": "encoder.fp32.onnx"}, {"fp32": "adapter.fp32.onnx"}
+        encoders, adapters = {"fp32": ENCODER_FP32}, {"fp32": ADAPTER_FP32}
         for p in options.encoder_precisions:
             if p == "fp32":
                 continue

@@ -23,6 +23,9 @@ import numpy as np
 
 from mullama_sdk.errors import BundleError
 
+#: The float32 graphs :meth:`MusicJob.run` writes (the other precisions are made from them).
+ENCODER_FP32 = "encoder.fp32.onnx"
+ADAPTER_FP32 = "adapter.fp32.onnx"
 _JOB = ".music_job.json"
 _WINDOWS = ".music_job.windows.npz"
 _RESULT = ".music_job.result.npz"
@@ -44,7 +47,7 @@ class MusicJob:
     torch_threads: int
 
     def run(self):
-        """Write ``encoder.fp32.onnx`` and ``adapter.fp32.onnx`` into ``folder``; return the torch model's
+        """Write :data:`ENCODER_FP32` and :data:`ADAPTER_FP32` into ``folder``; return the torch model's
         outputs on ``windows`` (:class:`export.verify.OnnxReference`)."""
         import torch
 
@@ -55,8 +58,8 @@ class MusicJob:
         torch.set_num_threads(self.torch_threads)
         src = open_sources(self.checkpoint, self.llama_dir, self.mert_dir, trust_pickle=self.trust_pickle)
         music = build_music_model(src)
-        export_encoder(music, Path(self.folder) / "encoder.fp32.onnx")
-        export_adapter(music, Path(self.folder) / "adapter.fp32.onnx")
+        export_encoder(music, Path(self.folder) / ENCODER_FP32)
+        export_adapter(music, Path(self.folder) / ADAPTER_FP32)
         return onnx_reference(music, list(self.windows))
 
 

@@ -395,10 +395,9 @@ def compare_onnx(
 def _session(path: str | os.PathLike[str], threads: int | None):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from mullama_sdk.encoder import session_options
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _run(sess, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

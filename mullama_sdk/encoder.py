@@ -74,7 +74,6 @@ class OnnxMusicEncoder:
                  low_memory: bool = False):
         ort = _import_ort()
         opts = session_options(n_threads, prepack=not low_memory, arena=not low_memory)
-        self.low_memory = low_memory
         self.providers = providers
         self._encoder = self._session(ort, encoder_path, opts, ENCODER_INPUTS, ENCODER_OUTPUTS)
         self._adapter = self._session(ort, adapter_path, opts, ADAPTER_INPUTS, ADAPTER_OUTPUTS)
