@@ -227,7 +227,8 @@ def _child_ref(a: argparse.Namespace, dtype_name: str) -> dict:
         t_end = time.perf_counter()
     cpu_wait = _cpu_wait_share(sched)
     end = proc_status()
-    mapped = _mapped_rss([d / "checkpoint.pth", d / "llama" / "consolidated.00.pth"])
+    # llama/consolidated.00.pth (real-width assets) or llama/7B/consolidated.00.pth (tiny: Meta's layout)
+    mapped = _mapped_rss([d / "checkpoint.pth", *sorted((d / "llama").rglob("consolidated.00.pth"))[:1]])
     layer0 = dict(model.llama.layers[0].named_parameters())
     base = {f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
     base |= {f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.perf_counter()
     folder, built = ensure_assets(a.quick, a.layers, a.threads)
     build = built or json.loads((folder / "build.json").read_text())
-    layers = json.loads((folder / "llama" / "params.json").read_text())["n_layers"]
+    layers = json.loads(sorted((folder / "llama").rglob("params.json"))[0].read_text())["n_layers"]
     sizes = _sdk_sizes(folder)
     variants = ["sdk", "ref-fp32"] + ([] if a.no_bf16 or a.bf16_rounds < 1 else ["ref-bf16"])
     load_avg = [os.getloadavg()[0]]

@@ -24,6 +24,7 @@ from mullama_sdk.bundle import (
     ENCODER_PRECISIONS,
     LLM_QUANTS,
     MANIFEST_NAME,
+    int8_manifest_entry,
     parse_manifest,
     sha256_of,
 )
@@ -32,10 +33,10 @@ from mullama_sdk.constants import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     MAX_WINDOW_SECONDS,
-    MIN_WINDOW_SECONDS,
+    MIN_WINDOW_SAMPLES,
     SAMPLE_RATE_HZ,
 )
-from mullama_sdk.errors import BundleError, ConfigError
+from mullama_sdk.errors import BundleError, ConfigError, DiskFullError
 from mullama_sdk.prompt import DEFAULT_QUESTION, PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,26 @@ class BundleOptions:
             raise ConfigError(f"default_encoder_precision {self.default_encoder_precision!r} is not shipped")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --overwrite")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise BundleError(f"cannot write the bundle: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BundleError(f"cannot write the bundle: folder {parent} is not writable")
+def _check_out(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
+    from export.safety import check_out
+
+    check_out(out, overwrite=overwrite, inputs=[Path(p) for p in inputs if isinstance(p, (str, os.PathLike))])
+
+
+def _check_inputs(checkpoint: Any, llama_dir: Path, mert_dir: Path, audio: Sequence[Path]) -> None:
+    """The input paths exist (checked before torch is imported: a typo fails in a fraction of a second)."""
+    from mullama_sdk.errors import AudioError, CheckpointError
+
+    if isinstance(checkpoint, (str, os.PathLike)) and not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}" + (" (it is a folder)" if Path(checkpoint).is_dir()
+                                                                         else ""))
+    if not Path(llama_dir).is_dir():
+        raise ConfigError(f"LLaMA folder not found: {llama_dir}")
+    if not Path(mert_dir).is_dir():
+        raise ConfigError(f"MERT folder not found: {mert_dir}")
+    for f in audio:
+        if not Path(f).is_file():
+            raise AudioError(f"audio file not found: {f}")
 
 
 def build_bundle(
@@ -111,92 +124,124 @@ def build_bundle(
 ) -> Path:
     """Export a checkpoint (published MU-LLaMA or ours) + folders into a verified bundle at ``out``.
 
+    Safe next to a user's files: ``out`` must not exist, or (``overwrite``) hold a previous bundle and
+    nothing else; the free space needed is checked first; SIGTERM/SIGHUP unwind like Ctrl-C (when their
+    handlers are the default); temporary folders of interrupted runs are reported or removed (see
+    :mod:`export.safety`).
+
     Args:
         audio: Extra clips for the verification (synthetic test signals are always used).
-        progress: Called with a short line per step (the CLI prints them).
+        progress: Called with a short line per step (the CLI prints them); an
+            :class:`export.progress.Reporter` also shows a live bar on a terminal.
 
     Returns:
         ``out``.
 
     Raises:
-        BundleError: unwritable/existing output, a failed verification row (with ``strict``).
+        BundleError: unwritable/existing output, a failed verification row (with ``strict``; without it,
+            when no variant of a kind passed), not enough disk space (:class:`DiskFullError`).
         CheckpointError, ConfigError: bad inputs (see :func:`training.loading.open_sources`).
     """
+    from export import safety
+    from export.progress import Reporter
+
+    say = progress if isinstance(progress, Reporter) else Reporter(progress)
+    out = Path(out)
+    _check_inputs(checkpoint, llama_dir, mert_dir, audio)
+    _check_out(out, options.overwrite, [checkpoint, llama_dir, mert_dir, *audio])
+    with safety.termination_handlers():
+        return _export(checkpoint, llama_dir, mert_dir, out, options, audio, trust_pickle, threads, say)
+
+
+def _export(checkpoint, llama_dir, mert_dir, out: Path, options: BundleOptions, audio, trust_pickle: bool,
+            threads: int | None, say) -> Path:
+    """:func:`build_bundle` after its argument checks."""
     import torch
 
+    from export import safety
     from export.gguf_export import write_gguf
     from export.music_job import ADAPTER_FP32, ENCODER_FP32, MusicJob, run_in_child
     from export.onnx_precision import convert_fp16, quantize_int8
+    from export.progress import seconds_text
     from export.quantize import quantize_gguf
     from export.verify import check_windows, format_table, llm_checks, onnx_checks
     from training.loading import build_model, open_sources
 
-    say = progress or (lambda msg: log.info("%s", msg))
-    out = Path(out)
-    _check_out(out, options.overwrite)
     t_start = time.perf_counter()
-    src = open_sources(checkpoint, llama_dir, mert_dir, trust_pickle=trust_pickle)
+    with say.step("sources: checkpoint, LLaMA and MERT folders"):
+        src = open_sources(checkpoint, llama_dir, mert_dir, trust_pickle=trust_pickle)
     cfg = src.config
     if cfg.injection.query_len != 1:
         raise ConfigError(f"query_len {cfg.injection.query_len}: only query_len 1 folds into constant vectors")
+    parent = out.parent if str(out.parent) else Path(".")
+    safety.sweep_partials(parent, out.name)
+    space = estimate_space(cfg, options)
+    _check_space(parent, space, say)
+    tmp: Path | None = None
+    emergency = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
-    except OSError as e:
-        raise BundleError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from e
-    try:
+        with safety.deferred_signals():  # no interruption between creating the folder and registering it
+            tmp = _make_partial(out, parent)
+            emergency = safety.register_emergency(lambda: shutil.rmtree(tmp, ignore_errors=True))
         isolate = options.isolate_music_export
         if isolate is None:
             isolate = _music_params(cfg) > ISOLATE_MUSIC_EXPORT_PARAMS and isinstance(checkpoint, (str, Path))
-        say(f"music model: MERT {cfg.adapter.mert_dim}x{cfg.adapter.n_states - 1}, adapter -> {cfg.llama.dim}"
-            + (" (exported in a child process)" if isolate else ""))
         windows = check_windows(audio)
         job = MusicJob(checkpoint, llama_dir, mert_dir, trust_pickle, tmp, tuple(windows), torch.get_num_threads())
-        reference = run_in_child(job) if isolate else job.run()
+        with say.step(f"music model: MERT {cfg.adapter.mert_dim}x{cfg.adapter.n_states - 1}, adapter -> "
+                      f"{cfg.llama.dim}: float32 ONNX graphs" + (" (in a child process)" if isolate else ""),
+                      folder=tmp, expect_bytes=space.files["fp32"], writes=tmp / ENCODER_FP32):
+            reference = run_in_child(job) if isolate else job.run()
         encoders, adapters = {"fp32": ENCODER_FP32}, {"fp32": ADAPTER_FP32}
         for p in options.encoder_precisions:
             if p == "fp32":
                 continue
             convert = convert_fp16 if p == "fp16" else quantize_int8
-            say(f"onnx: {p} variants")
-            encoders[p] = convert(tmp / "encoder.fp32.onnx", tmp / f"encoder.{p}.onnx").name
-            adapters[p] = convert(tmp / "adapter.fp32.onnx", tmp / f"adapter.{p}.onnx").name
+            with say.step(f"onnx: {p} variants", folder=tmp, expect_bytes=space.files[p],
+                          writes=tmp / f"encoder.{p}.onnx") as step:
+                encoders[p] = convert(tmp / "encoder.fp32.onnx", tmp / f"encoder.{p}.onnx").name
+                step.writes = tmp / f"adapter.{p}.onnx"
+                adapters[p] = convert(tmp / "adapter.fp32.onnx", tmp / f"adapter.{p}.onnx").name
 
         llms: dict[str, str] = {}
         notes: list[str] = []
         base_type = "f32" if "f32" in options.quants or _llama_params(cfg) < AUTO_VERIFY_LLM_MAX_PARAMS else "f16"
         base = tmp / f"llm.{base_type}.gguf"
-        say(f"gguf: {base_type} (LoRA merged, biases, trained norms, tokenizer)")
-        write_gguf(src, base, file_type=base_type, n_ctx_train=options.n_ctx_train)
+        with say.step(f"gguf: {base_type} (LoRA merged, biases, trained norms, tokenizer)", folder=tmp,
+                      expect_bytes=space.files[base_type], writes=base):
+            write_gguf(src, base, file_type=base_type, n_ctx_train=options.n_ctx_train)
         for q in options.quants:
             if q == base_type:
                 llms[q] = base.name
                 continue
-            say(f"gguf: quantize {q}")
-            report = quantize_gguf(base, tmp / f"llm.{q}.gguf", q, nthread=threads)
+            with say.step(f"gguf: quantize {q}", folder=tmp, expect_bytes=space.files[q],
+                          writes=tmp / f"llm.{q}.gguf"):
+                report = quantize_gguf(base, tmp / f"llm.{q}.gguf", q, nthread=threads)
             if report.k_quant_fallback:
                 notes.append(f"llm.{q}.gguf: the model's widths are not multiples of 256, so llama.cpp used "
                              f"other types for some tensors: {report.tensor_types}")
             llms[q] = f"llm.{q}.gguf"
 
         digests: dict[str, tuple[int, int, str]] = {}  # the final manifest re-uses these hashes
-        manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp, digests)
+        with say.step("checksums: sha256 of every file"):
+            manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp, digests)
         manifest = parse_manifest(manifest_raw, where="new manifest")
 
-        say("verify: ONNX graphs vs torch")
-        checks = onnx_checks(reference, tmp, manifest, threads=threads)
+        with say.step("verify: ONNX graphs vs torch"):
+            checks = onnx_checks(reference, tmp, manifest, threads=threads)
         verify_llm = options.verify_llm
         if verify_llm is None:
             verify_llm = _llama_params(cfg) <= AUTO_VERIFY_LLM_MAX_PARAMS
         if verify_llm:
-            say("verify: llama.cpp (hooked) vs torch")
-            full = build_model(src, dtype=torch.float32)
-            checks += llm_checks(full, tmp, manifest, windows, quants=llms, threads=threads)
-            del full
+            with say.step("verify: llama.cpp (hooked) vs torch"):
+                full = build_model(src, dtype=torch.float32)
+                checks += llm_checks(full, tmp, manifest, windows, quants=llms, threads=threads)
+                del full
         else:
             notes.append("llama.cpp outputs were not checked at export time (model too large for the automatic "
                          "check); run `mullama-export verify` on a machine with the memory for it")
         say("\n" + format_table(checks))
-        failed = [c.name for c in checks if not c.passed]
+        failed = [c.name for c in checks if not c.passed and not c.skipped]
         if failed and options.strict:
             raise BundleError(f"verification failed for {', '.join(failed)}; no bundle was written")
         # Intermediate files that were needed to build the variants but were not asked for.
@@ -207,22 +252,140 @@ def build_bundle(
                 stale.unlink()
         manifest_raw = _manifest(cfg, src, encoders, adapters, llms, options, notes, tmp, digests)
         manifest_raw["verification"] = {c.name: c.to_dict() for c in checks}
+        if failed:
+            _demote_failed(manifest_raw, failed, options)
         if _source_date_epoch() is None:  # a reproducible build records no wall-clock figure
             manifest_raw["export_seconds"] = round(time.perf_counter() - t_start, 1)
         parse_manifest(manifest_raw, where="new manifest")
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_raw, indent=2, ensure_ascii=False) + "\n")
+        with safety.writing(tmp / MANIFEST_NAME, tmp):
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_raw, indent=2, ensure_ascii=False) + "\n")
         # mkdtemp made the folder private (0700); a bundle is meant to be shared and read by others.
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        say(f"bundle written: {out}")
+        # Again, now: the folder may have changed during the export (a file added, another bundle written).
+        _check_out(out, options.overwrite, [checkpoint, llama_dir, mert_dir, *audio])
+        with safety.deferred_signals():
+            safety.swap_into_place(tmp, out)
+            (out / safety.OWNER_FILE).unlink(missing_ok=True)
+        size = sum(entry["size"] for entry in manifest_raw["files"].values())
+        say(f"bundle written: {out} ({safety.human_bytes(size)}, {seconds_text(time.perf_counter() - t_start)})")
         return out
+    except DiskFullError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(f"{e}; this export needs about {safety.human_bytes(space.peak)} free in {parent} "
+                            f"while it runs") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if emergency is not None:
+            safety.unregister_emergency(emergency)
+
+
+def _make_partial(out: Path, parent: Path) -> Path:
+    """The temporary folder ``.<name>.partial-<random>`` beside ``out``, marked with its owner."""
+    from export import safety
+
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{safety.PARTIAL_TAG}", dir=parent))
+        safety.write_owner(tmp, out)
+        return tmp
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if safety.is_disk_full(e, parent):
+            raise safety.disk_full_error(parent / f".{out.name}{safety.PARTIAL_TAG}*", parent) from e
+        raise BundleError(f"cannot write the bundle in {parent}: {e.strerror or e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceEstimate:
+    """Disk space of an export, from the config (see :func:`estimate_space`).
+
+    Attributes:
+        peak: Bytes in the temporary folder at the export's fullest (every file, the base GGUF, the
+            transient copies of int8 quantization), with a margin.
+        final: Bytes of the finished bundle.
+        files: Bytes per variant: ``fp32``/``fp16``/``int8`` (encoder + adapter), ``f32``/``f16``/``q8_0``/
+            ``q4_k_m`` (the GGUF).
+    """
+
+    peak: int
+    final: int
+    files: dict[str, int]
+
+
+#: Bytes per parameter of each file type (K-quants of widths that are not multiples of 256 fall back to
+#: wider types, hence the q4_k_m figure above its 4.85 bits).
+_BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.3, "f32": 4.0, "f16": 2.0, "q8_0": 1.07, "q4_k_m": 0.75}
+
+
+def estimate_space(cfg, options: BundleOptions) -> SpaceEstimate:
+    """How much disk an export of ``cfg`` with ``options`` takes, while it runs and when done.
+
+    At LLaMA-2-7B widths with the defaults (q4_k_m; fp32 + int8): about 25 GB while running (the f16 base
+    GGUF alone is 13.5 GB), about 10 GB for the bundle.
+    """
+    music, llama = _music_params(cfg), _llama_params(cfg)  # (MERT's 4M-parameter front end: in the margin)
+    files = {k: int(music * b) for k, b in _BYTES_PER_PARAM.items() if k in ENCODER_PRECISIONS}
+    files.update({k: int(llama * b) for k, b in _BYTES_PER_PARAM.items() if k in LLM_QUANTS})
+    base_type = "f32" if "f32" in options.quants or llama < AUTO_VERIFY_LLM_MAX_PARAMS else "f16"
+    onnx = files["fp32"] + sum(files[p] for p in options.encoder_precisions if p != "fp32")
+    # int8 quantization stages a copy of each graph before saving it.
+    onnx_transient = 2 * files["int8"] if "int8" in options.encoder_precisions else 0
+    gguf = files[base_type] + sum(files[q] for q in options.quants if q != base_type)
+    peak = onnx + max(onnx_transient, gguf)
+    final = (sum(files[p] for p in options.encoder_precisions) + sum(files[q] for q in options.quants))
+    margin = lambda n: int(n * 1.05) + (32 << 20)
+    return SpaceEstimate(margin(peak), final, files)
+
+
+def _check_space(parent: Path, space: SpaceEstimate, say) -> None:
+    from export.safety import free_bytes, human_bytes
+
+    free = free_bytes(parent)
+    if free is None:
+        return
+    if free < space.peak:
+        raise DiskFullError(f"not enough free space in {parent.resolve()}: this export needs about "
+                            f"{human_bytes(space.peak)} there while it runs (the finished bundle: about "
+                            f"{human_bytes(space.final)}) and {human_bytes(free)} are free; free up space or "
+                            f"choose an --out on another disk")
+    say(f"space: about {human_bytes(space.peak)} needed in {parent} while exporting, {human_bytes(free)} free")
+
+
+def _demote_failed(manifest_raw: dict[str, Any], failed: list[str], options: BundleOptions) -> None:
+    """``--no-strict`` with failed rows: record them, and make the defaults variants that passed.
+
+    Raises:
+        BundleError: no encoder precision (or no GGUF type) passed at all.
+    """
+    bad_prec = {n.split("/", 1)[1] for n in failed if n.split("/", 1)[0] in ("encoder", "adapter")}
+    bad_quant = {n.split("/", 1)[1] for n in failed if n.startswith("llm/")}
+    good_prec = [p for p in options.encoder_precisions if p not in bad_prec]
+    good_quant = [q for q in options.quants if q not in bad_quant]
+    if not good_prec or not good_quant:
+        kind = "encoder precision" if not good_prec else "GGUF type"
+        raise BundleError(f"verification failed for {', '.join(failed)}: no {kind} passed, so there is no "
+                          f"variant to make the default; no bundle was written")
+    changed = []
+    if manifest_raw["default_encoder_precision"] in bad_prec:
+        changed.append(f"default_encoder_precision {manifest_raw['default_encoder_precision']} -> {good_prec[0]}")
+        manifest_raw["default_encoder_precision"] = good_prec[0]
+    if manifest_raw["default_quant"] in bad_quant:
+        changed.append(f"default_quant {manifest_raw['default_quant']} -> {good_quant[0]}")
+        manifest_raw["default_quant"] = good_quant[0]
+    manifest_raw["failed_verification"] = list(failed)
+    manifest_raw.setdefault("notes", []).append(
+        f"exported with --no-strict: verification FAILED for {', '.join(failed)}; those variants are shipped but "
+        f"are not the default" + (f" ({'; '.join(changed)})" if changed else ""))
+    log.warning("--no-strict: verification failed for %s; the bundle ships them, but the defaults are variants "
+                "that passed (%s / %s)", ", ".join(failed), manifest_raw["default_encoder_precision"],
+                manifest_raw["default_quant"])
 
 
 #: Music models (MERT + adapter) above this many parameters are exported in a child process by default
@@ -281,7 +444,7 @@ def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes,
     file (a 7B GGUF takes tens of seconds) is hashed once across the interim and the final manifest."""
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != MANIFEST_NAME:
+        if path.is_file() and path.name != MANIFEST_NAME and not path.name.startswith("."):  # not the owner file
             st = path.stat()
             cached = digests.get(path.name)
             if cached is None or cached[:2] != (st.st_size, st.st_mtime_ns):
@@ -300,7 +463,10 @@ def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes,
                  "n_ff": p.hidden_dim, "n_vocab": p.vocab_size, "mert_dim": cfg.adapter.mert_dim,
                  "mert_states": cfg.adapter.n_states, "n_inject": cfg.injection.n_layers},
         "inject_layers": cfg.injection.layer_ids(p.n_layers),
-        "audio": {"sample_rate": SAMPLE_RATE_HZ, "min_window_seconds": MIN_WINDOW_SECONDS,
+        # min_window_samples is exact (one MERT frame); the seconds field is for readers that predate it
+        # (round(seconds * sample_rate) gives the same 400 samples back).
+        "audio": {"sample_rate": SAMPLE_RATE_HZ, "min_window_samples": MIN_WINDOW_SAMPLES,
+                  "min_window_seconds": MIN_WINDOW_SAMPLES / SAMPLE_RATE_HZ,
                   "max_window_seconds": MAX_WINDOW_SECONDS, "channels": "mono (mean after resampling)"},
         "prompt": {"template": PROMPT_TEMPLATE, "default_question": DEFAULT_QUESTION,
                    "bos_id": src.tokenizer.bos_id, "eos_id": src.tokenizer.eos_id, "add_bos": True},
@@ -311,6 +477,7 @@ def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes,
         "llm": {k: v for k, v in llms.items() if (folder / v).exists()},
         "default_encoder_precision": default_prec,
         "default_quant": options.quants[0],
+        **({"quantization": {"int8": int8_manifest_entry()}} if "int8" in options.encoder_precisions else {}),
         "files": files,
         "versions": _versions(),
         "verification": {},

@@ -3,7 +3,8 @@
     mullama-export bundle --checkpoint CKPT --llama-dir DIR --mert-dir DIR --out BUNDLE
                           [--quant q4_k_m ...] [--encoder-precision int8 ...] [--audio FILE ...]
     mullama-export verify BUNDLE --checkpoint CKPT --llama-dir DIR --mert-dir DIR [--audio FILE ...]
-    mullama-export trt BUNDLE [--fp16] [--min-seconds 0.5 --opt-seconds 10 --max-seconds 30] [--workspace-gb N]
+    mullama-export requantize BUNDLE [--force]   (int8 graphs from the bundle's fp32 graphs, in place)
+    mullama-export trt BUNDLE [--fp16] [--min-seconds S --opt-seconds 10 --max-seconds 30] [--workspace-gb N]
     mullama-export gguf ...      (LLaMA + deltas -> GGUF only; see --help)
     mullama-export quantize ...  (GGUF -> q8_0 / q4_k_m; see --help)
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +23,9 @@ from mullama_sdk.errors import MullamaError
 
 def _sources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, type=Path, help="MU-LLaMA checkpoint.pth or a mullama checkpoint")
-    p.add_argument("--llama-dir", required=True, type=Path, help="Meta LLaMA folder (params.json, tokenizer.model)")
+    p.add_argument("--llama-dir", required=True, type=Path,
+                   help="Meta LLaMA model folder (params.json, consolidated.*.pth; tokenizer.model there or "
+                        "one level up), or the folder holding it")
     p.add_argument("--mert-dir", required=True, type=Path, help="MERT folder (config.json, ...)")
     p.add_argument("--audio", nargs="*", type=Path, default=[], help="extra clips for the verification")
     p.add_argument("--threads", type=int, default=None)
@@ -42,17 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-llm", choices=("auto", "yes", "no"), default="auto",
                    help="check the GGUFs against torch during the export (auto: for models < 1.5B params)")
     b.add_argument("--no-strict", action="store_true", help="write the bundle even if a verification row fails")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace a previous bundle at --out (refused for a folder holding anything else)")
+    b.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                   help="export the torch music model in a child process, so none of its memory is held "
+                        "afterwards (auto: for music models > 200M params)")
     b.add_argument("--trt", action="store_true", help="also build TensorRT engines (needs an NVIDIA GPU)")
     v = sub.add_parser("verify", help="re-run every comparison of a bundle against its source; exit 2 on failure")
     v.add_argument("bundle", type=Path)
     _sources(v)
     v.add_argument("--skip-llm", action="store_true", help="only the ONNX graphs (no full torch model needed)")
-    v.add_argument("--checksums", action="store_true", help="also hash every file against the manifest")
+    v.add_argument("--fast", action="store_true", help="skip hashing the files (their sizes are still checked)")
+    v.add_argument("--checksums", action="store_true", help=argparse.SUPPRESS)  # the default since --fast
+    r = sub.add_parser("requantize", help="re-quantize a bundle's int8 graphs from its fp32 graphs (the scheme "
+                       "that is right on every CPU), in place; no checkpoint needed")
+    r.add_argument("bundle", type=Path)
+    r.add_argument("--force", action="store_true", help="re-quantize even if the bundle has the current scheme")
+    r.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the comparison")
+    r.add_argument("--no-strict", action="store_true", help="replace the graphs even if their comparison fails")
     t = sub.add_parser("trt", help="add TensorRT engines (encoder + adapter) for this machine's NVIDIA GPU to a bundle")
     t.add_argument("bundle", type=Path)
     t.add_argument("--fp16", action="store_true", help="fp16 engines (default: fp32)")
-    t.add_argument("--min-seconds", type=float, default=0.5, help="shortest window of the profile (default 0.5)")
+    t.add_argument("--min-seconds", type=float, default=None,
+                   help="shortest window of the profile (default: 400 samples = 1/60 s, one MERT frame; raised to "
+                        "the bundle's own minimum, 0.5 s in older bundles)")
     t.add_argument("--opt-seconds", type=float, default=10.0, help="window length TensorRT tunes for (default 10)")
     t.add_argument("--max-seconds", type=float, default=30.0, help="longest window of the profile (default 30)")
     t.add_argument("--workspace-gb", type=float, default=None,
@@ -72,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("llama_cpp.native").setLevel(logging.ERROR)
     # torch.onnx's exporter warns once per torchvision op it cannot register; we export no vision ops.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    from export.progress import Reporter
+    from export.safety import exit_code_for, termination_handlers
+
+    say = Reporter.terminal(args.quiet)
+    # SIGTERM / SIGHUP unwind like Ctrl-C: partial folders are removed, a child process is stopped.
+    handlers = contextlib.ExitStack()
+    handlers.enter_context(termination_handlers(include_sigint=True))
     try:
         if args.command == "gguf":
             from export.gguf_export import main as gguf_main
@@ -86,10 +109,25 @@ def main(argv: list[str] | None = None) -> int:
             return _bundle(args, say)
         if args.command == "trt":
             return _trt(args, say)
+        if args.command == "requantize":
+            return _requantize(args, say)
         return _verify(args, say)
     except MullamaError as e:
-        print(f"mullama-export: error: {e}", file=sys.stderr)
+        _stderr(f"mullama-export: error: {e}")
         return 2
+    except KeyboardInterrupt as e:
+        import signal
+
+        _stderr(f"mullama-export: interrupted ({signal.Signals(exit_code_for(e) - 128).name}); partial files "
+                f"were removed")
+        return exit_code_for(e)
+    finally:
+        handlers.close()
+
+
+def _stderr(msg: str) -> None:
+    with contextlib.suppress(OSError, ValueError):  # a closed terminal (SIGHUP) cannot take it
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _bundle(args, say) -> int:
@@ -104,41 +142,74 @@ def _bundle(args, say) -> int:
         quants=tuple(dict.fromkeys(args.quant)), encoder_precisions=tuple(dict.fromkeys(args.encoder_precision)),
         verify_llm={"auto": None, "yes": True, "no": False}[args.verify_llm],
         overwrite=args.overwrite, strict=not args.no_strict,
+        isolate_music_export={"auto": None, "yes": True, "no": False}[args.isolate],
     )
     build_bundle(args.checkpoint, args.llama_dir, args.mert_dir, args.out, options=options, audio=args.audio,
                  trust_pickle=args.trust_checkpoint, threads=args.threads, progress=say)
     return 0
 
 
+def _requantize(args, say) -> int:
+    from export.requantize import requantize_bundle
+    from export.verify import format_table
+
+    result = requantize_bundle(args.bundle, force=args.force, strict=not args.no_strict, threads=args.threads,
+                               progress=say)
+    if result.changed:
+        say("\n" + format_table(result.checks))
+    return 0
+
+
 def _trt(args, say) -> int:
-    from export.trt import TrtBuildOptions, build_bundle_engines, waveform_profile
+    from export.trt import DEFAULT_MIN_SECONDS, TrtBuildOptions, build_bundle_engines, waveform_profile
 
     options = TrtBuildOptions(precision="fp16" if args.fp16 else "fp32",
-                              profile=waveform_profile(args.min_seconds, args.opt_seconds, args.max_seconds),
+                              profile=waveform_profile(DEFAULT_MIN_SECONDS if args.min_seconds is None
+                                                       else args.min_seconds, args.opt_seconds, args.max_seconds),
                               workspace_gb=args.workspace_gb, strict=not args.no_strict)
     build_bundle_engines(args.bundle, options, threads=args.threads, progress=say)
     return 0
 
 
 def _verify(args, say) -> int:
-    from export.verify import check_windows, format_table, llm_checks, onnx_checks, onnx_reference, trt_checks
+    from export.bundle import _check_inputs
     from mullama_sdk.bundle import check_files, load_manifest
+
+    # Cheap checks first (the bundle, its files, the input paths), then the heavy imports.
+    manifest = load_manifest(args.bundle)
+    _check_inputs(args.checkpoint, args.llama_dir, args.mert_dir, args.audio)
+    n_files = len(manifest.files)
+    if args.fast:
+        check_files(args.bundle, manifest, list(manifest.files), sha256=False)
+        files_note = f"{n_files} files present with the listed sizes (not hashed: --fast)"
+    else:
+        with say.step(f"checksums: sha256 of {n_files} files"):
+            check_files(args.bundle, manifest, list(manifest.files), sha256=True)
+        files_note = f"{n_files} files match their sha256"
+
+    from export.verify import check_windows, format_table, llm_checks, onnx_checks, onnx_reference, trt_checks
     from training.loading import build_model, build_music_model, open_sources
 
-    manifest = load_manifest(args.bundle)
-    check_files(args.bundle, manifest, list(manifest.files), sha256=args.checksums)
-    src = open_sources(args.checkpoint, args.llama_dir, args.mert_dir, trust_pickle=args.trust_checkpoint)
-    model = build_music_model(src) if args.skip_llm else build_model(src)
-    windows = check_windows(args.audio)
+    with say.step("torch reference: " + ("music model" if args.skip_llm else "full model")):
+        src = open_sources(args.checkpoint, args.llama_dir, args.mert_dir, trust_pickle=args.trust_checkpoint)
+        model = build_music_model(src) if args.skip_llm else build_model(src)
+    windows = check_windows(args.audio, min_samples=manifest.min_window_samples)
     say(f"verifying {args.bundle} against {args.checkpoint} on {len(windows)} windows")
-    checks = onnx_checks(onnx_reference(model, windows), args.bundle, manifest, threads=args.threads)
+    with say.step("verify: ONNX graphs vs torch"):
+        checks = onnx_checks(onnx_reference(model, windows), args.bundle, manifest, threads=args.threads)
     if not args.skip_llm:
-        checks += llm_checks(model, args.bundle, manifest, windows, threads=args.threads)
-    checks += trt_checks(args.bundle, manifest, audio_files=args.audio, threads=args.threads)
+        with say.step("verify: llama.cpp (hooked) vs torch"):
+            checks += llm_checks(model, args.bundle, manifest, windows, threads=args.threads)
+    if manifest.trt:
+        with say.step("verify: TensorRT engines vs ONNX Runtime"):
+            checks += trt_checks(args.bundle, manifest, audio_files=args.audio, threads=args.threads)
     print(format_table(checks))
     failed = [c.name for c in checks if not c.passed and not c.skipped]
+    skipped = sum(c.skipped for c in checks)
+    print(f"verify: {'FAILED' if failed else 'OK'}: {len(checks) - len(failed) - skipped} of {len(checks)} checks "
+          f"passed, {len(failed)} failed, {skipped} skipped; {files_note}", flush=True)
     if failed:
-        print(f"mullama-export: verification FAILED: {', '.join(failed)}", file=sys.stderr)
+        _stderr(f"mullama-export: verification FAILED: {', '.join(failed)}")
         return 2
     return 0
 

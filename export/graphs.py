@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS, SAMPLE_RATE_HZ
+from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError, MullamaError
 
 __all__ = [
@@ -156,11 +156,11 @@ ENCODER_GRAPH = GraphSpec(
         TensorSpec("state_means", "float32", ("n_states", "mert_dim")),
         TensorSpec("n_frames", "int64", ()),
     ),
-    # The runtime's windows (mullama_sdk.audio.window_bounds) are 0.5 s .. 30 s long; after the first,
-    # long audio is mostly full 30 s windows, hence opt = max.
+    # The runtime's windows (mullama_sdk.audio.window_bounds) are 400 samples (one MERT frame) .. 30 s
+    # long; after the first, long audio is mostly full 30 s windows, hence opt = max.
     dynamic={
         "n_samples": DimRange(
-            min=round(MIN_WINDOW_SECONDS * _SECOND),
+            min=MIN_WINDOW_SAMPLES,
             opt=round(MAX_WINDOW_SECONDS * _SECOND),
             max=round(MAX_WINDOW_SECONDS * _SECOND),
         )

@@ -12,16 +12,18 @@ the bundle's temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from mullama_sdk.errors import BundleError
+from mullama_sdk.errors import BundleError, DiskFullError
 
 #: The float32 graphs :meth:`MusicJob.run` writes (the other precisions are made from them).
 ENCODER_FP32 = "encoder.fp32.onnx"
@@ -121,37 +123,93 @@ def _error_type(name: str) -> type[Exception]:
     return BundleError
 
 
+#: The child's last stderr line on failure: the error as JSON, for when its error file cannot be written
+#: (a full disk) or read.
+_STDERR_TAG = "MULLAMA_MUSIC_JOB_ERROR "
+
+
+def _reported_error(folder: Path, stderr: str) -> dict | None:
+    """The child's ``{"type", "message"}``: from its error file, else from its stderr."""
+    sources = []
+    with contextlib.suppress(OSError):
+        sources.append((folder / _ERROR).read_text())
+    sources += [line[len(_STDERR_TAG):] for line in reversed(stderr.splitlines()) if line.startswith(_STDERR_TAG)]
+    for text in sources:
+        try:
+            err = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(err, dict) and isinstance(err.get("type"), str) and isinstance(err.get("message"), str):
+            return err
+    return None
+
+
 def run_in_child(job: MusicJob):
-    """:meth:`MusicJob.run` in a fresh Python process; its exception, if any, is raised here (same type)."""
+    """:meth:`MusicJob.run` in a fresh Python process; its exception, if any, is raised here (same type).
+
+    The child dies with this process (``PR_SET_PDEATHSIG`` on Linux, and it is killed when this process
+    is interrupted), and is registered for :func:`export.safety.termination_handlers`' emergency exit.
+    """
+    from export import safety
+
     folder = Path(job.folder)
-    job_path = _save_job(job)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "export.music_job", str(job_path)], env=env,
-                              capture_output=True, text=True)
-        if (folder / _ERROR).is_file():
-            err = json.loads((folder / _ERROR).read_text())
+        with safety.writing(folder / _WINDOWS, folder):
+            job_path = _save_job(job)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen([sys.executable, "-m", "export.music_job", str(job_path), str(os.getpid())],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, encoding="utf-8", errors="replace")
+        with safety.on_emergency(proc.kill):
+            try:
+                _stdout, stderr = proc.communicate()
+            except BaseException:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                raise
+        err = _reported_error(folder, stderr)
+        if err is not None:
             raise _error_type(err["type"])(err["message"])
         if proc.returncode or not (folder / _RESULT).is_file():
-            raise BundleError(f"the music model's ONNX export died in its child process (exit {proc.returncode}; "
-                              f"out of memory?): {proc.stderr.strip()[-2000:]}")
-        return _load_reference(folder / _RESULT, job.windows)
+            lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+            last = lines[-1][-300:] if lines else "no output"
+            if safety.is_disk_full(None if not lines else RuntimeError(stderr[-4000:]), folder):
+                raise safety.disk_full_error(folder / ENCODER_FP32, folder, cause=RuntimeError(last))
+            how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                   else f"exit {proc.returncode}")
+            raise BundleError(f"the music model's ONNX export died in its child process ({how}; out of memory?): "
+                              f"{last}")
+        with safety.writing(folder / _RESULT, folder):
+            return _load_reference(folder / _RESULT, job.windows)
     finally:
         for name in (_JOB, _WINDOWS, _RESULT, _ERROR):
             (folder / name).unlink(missing_ok=True)
 
 
-def _child_main(job_path: str) -> int:
-    job = _load_job(Path(job_path))
+def _child_main(job_path: str, parent_pid: int | None = None) -> int:
+    from export import safety
+
+    safety.die_with_parent(parent_pid)
+    folder = Path(job_path).parent
     try:
+        job = _load_job(Path(job_path))
         reference = job.run()
+        with safety.writing(folder / _RESULT, folder):
+            _save_reference(reference, folder / _RESULT)
     except Exception as e:  # noqa: BLE001 - every error goes back to the parent, typed
-        (Path(job.folder) / _ERROR).write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        if safety.is_disk_full(e, folder) and not isinstance(e, DiskFullError):
+            e = safety.disk_full_error(Path(getattr(e, "filename", None) or folder / ENCODER_FP32), folder, cause=e)
+        report = json.dumps({"type": type(e).__name__, "message": str(e)})
+        try:
+            (folder / _ERROR).write_text(report)
+        except OSError:
+            (folder / _ERROR).unlink(missing_ok=True)
+        print(_STDERR_TAG + report, file=sys.stderr, flush=True)
         return 1
-    _save_reference(reference, Path(job.folder) / _RESULT)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1]))
+    sys.exit(_child_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -3,8 +3,8 @@
 Exporter: torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``: ``torch.export`` then
 onnxscript), at its native opset 18. It is torch 2.13's default and maintained path; the TorchScript
 exporter is deprecated since torch 2.9 and prints a warning on every call. Both gave the same numbers on
-these graphs; dynamo also states the dynamic waveform length as a checked range (0.5 s .. 30 s), so a
-shape specialisation inside HubertModel would fail the export instead of silently freezing a length.
+these graphs; dynamo also states the dynamic waveform length as a checked range (400 samples, one MERT
+frame, .. 30 s), so a shape specialisation inside HubertModel would fail the export instead of silently freezing a length.
 
 Every file is written to a temporary folder next to the target, checked (``onnx.checker`` and the graph
 spec: names, dtypes, shapes, opset), then renamed into place, so a crash never leaves half a model.
@@ -90,7 +90,8 @@ def export_encoder(
     rng = spec.dynamic["n_samples"]
     n = round(example_seconds * SAMPLE_RATE_HZ)
     if not rng.min <= n <= rng.max:
-        raise ValueError(f"example_seconds must be within {rng.min / SAMPLE_RATE_HZ}..{rng.max / SAMPLE_RATE_HZ} s")
+        raise ValueError(f"example_seconds must be within {rng.min / SAMPLE_RATE_HZ:g}..{rng.max / SAMPLE_RATE_HZ:g} s "
+                         f"({rng.min}..{rng.max} samples)")
     t = torch.arange(n, dtype=torch.float32) / SAMPLE_RATE_HZ
     example = (0.1 * torch.sin(2 * torch.pi * 440.0 * t))[None]
     return export_graph(EncoderGraph(mert), spec, (example,), out_path, encoder_dims(mert),
@@ -301,18 +302,24 @@ def _staging(out_path: Path) -> Iterator[Path]:
     The external data file is named after the model file (``<name>.onnx.data``), so staging under the
     final file name keeps the model's reference to it valid after the move.
     """
+    from export.safety import writing
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    with writing(out_path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
-        staged = tmp / out_path.name
-        yield staged
-        written = sorted(p for p in tmp.iterdir() if p != staged)
-        stale = out_path.with_name(out_path.name + ".data")
-        if stale.exists() and not any(p.name == stale.name for p in written):
-            stale.unlink()
-        for p in written:  # data first: the model file appears last, complete
-            os.replace(p, out_path.parent / p.name)
-        os.replace(staged, out_path)
+        # A full disk shows as ENOSPC or, from protobuf, as a truncated file: both are recognised here,
+        # before the staged files are removed (see export.safety.is_disk_full).
+        with writing(out_path):
+            staged = tmp / out_path.name
+            yield staged
+            written = sorted(p for p in tmp.iterdir() if p != staged)
+            stale = out_path.with_name(out_path.name + ".data")
+            if stale.exists() and not any(p.name == stale.name for p in written):
+                stale.unlink()
+            for p in written:  # data first: the model file appears last, complete
+                os.replace(p, out_path.parent / p.name)
+            os.replace(staged, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

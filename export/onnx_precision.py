@@ -5,7 +5,12 @@
   (``onnxruntime.transformers.float16``) is used: it ships with onnxruntime, no extra package.
 * int8 (:func:`quantize_int8`): for CPUs. ONNX Runtime's dynamic quantization of the MatMuls whose
   weight is a constant (every Linear; not attention's Q.K / P.V products, not the convolutions):
-  int8 weights, symmetric, one scale per output channel; uint8 activations quantized per call.
+  int8 weights, symmetric, one scale per output channel, limited to [-64, 64]; uint8 activations
+  quantized per call (scheme :data:`mullama_sdk.cpu.INT8_SCHEME`). The 7-bit weights are what makes the
+  file right on every x86 CPU: AVX2-only kernels sum u8 x s8 pairs into a saturating int16, which full
+  8-bit weights overflow (adapter cosine 0.907 measured) and [-64, 64] cannot (255 * 64 * 2 = 32640);
+  with VNNI the sums are exact anyway, so both kernels compute the same numbers (``docs/int8.md`` has the
+  measurements behind this choice against per-tensor and uint8 x uint8 weights).
   Per-channel matters for the folded injection matrix, whose output rows (one per ``d_l`` element,
   across 20 layers) differ in scale. Convolutions stay float32: ONNX Runtime's ConvInteger has no fast
   CPU kernel, and the convolutions are only ~10 % of MERT's time (torch profile, 5 s window).
@@ -38,6 +43,10 @@ import onnx
 
 from export.graphs import GRAPHS, ExportError
 from export.onnx_export import META_PRECISION, read_metadata, save_onnx
+from mullama_sdk.cpu import INT8_SCHEME, LEGACY_INT8_SCHEME
+
+#: ONNX metadata key naming the int8 scheme of a quantized graph (absent in graphs made before it).
+META_INT8_SCHEME = "mullama.int8_scheme"
 
 __all__ = [
     "FP16_OP_BLOCK_LIST",
@@ -50,6 +59,7 @@ __all__ = [
     "compare_onnx",
     "convert_fp16",
     "encoder_reference",
+    "int8_weight_limit",
     "quantize_int8",
 ]
 
@@ -111,7 +121,7 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     op_types: Sequence[str] = INT8_OP_TYPES,
-    reduce_range: bool = False,
+    reduce_range: bool = True,
     external_data: bool | None = None,
 ) -> Path:
     """Write an int8 dynamically quantized copy of an exported graph (ONNX Runtime ``quantize_dynamic``).
@@ -121,7 +131,8 @@ def quantize_int8(
         dst: Target ``.onnx`` file.
         per_channel: One weight scale per output channel (default) instead of one per tensor.
         op_types: Op types to quantize; MatMul only by default (see the module docstring).
-        reduce_range: 7-bit weights; only for CPUs without VNNI that show saturation (not needed here).
+        reduce_range: Weights within [-64, 64] (default), which no CPU's int8 kernel can saturate. ``False``
+            gives full-range weights (the legacy scheme, wrong on AVX2-only CPUs): for comparisons only.
         external_data: Force/forbid external data; default by size.
 
     Returns:
@@ -151,7 +162,37 @@ def quantize_int8(
         finally:
             root.removeFilter(advice)
         model = onnx.load(str(staged))
+    scheme = INT8_SCHEME if reduce_range else LEGACY_INT8_SCHEME
+    model.metadata_props.add(key=META_INT8_SCHEME, value=scheme)
     return _save_variant(model, src, dst, "int8", external_data)
+
+
+def int8_weight_limit(path: str | os.PathLike[str]) -> int:
+    """The largest ``|w|`` of the integer weights of a quantized graph's ``MatMulInteger`` nodes.
+
+    This is the property that decides whether a CPU kernel can saturate (see :mod:`mullama_sdk.cpu`):
+    graphs of :data:`~mullama_sdk.cpu.INT8_SCHEME` stay within :data:`~mullama_sdk.cpu.INT8_WEIGHT_LIMIT`.
+    Read from the file itself (external data included), whatever CPU runs this.
+
+    Raises:
+        ExportError: the graph has no ``MatMulInteger`` with a constant int8 weight.
+    """
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))  # loads external data from beside the file
+    inits = {t.name: t for t in model.graph.initializer}
+    largest = None
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.dtype != np.int8:
+            raise ExportError(f"{Path(path).name}: MatMulInteger weight {node.input[1]} is {w.dtype}, not int8")
+        top = int(np.abs(w.astype(np.int16)).max()) if w.size else 0
+        largest = top if largest is None else max(largest, top)
+    if largest is None:
+        raise ExportError(f"{Path(path).name} has no MatMulInteger with a constant int8 weight")
+    return largest
 
 
 class _DropMessage(logging.Filter):
@@ -290,7 +331,7 @@ def encoder_reference(model: Any, waveforms: Iterable[np.ndarray]) -> list[dict[
 
     Args:
         model: :class:`~training.model.MullamaModel` or :class:`~training.mert.MertEncoder`.
-        waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 0.5 s .. 30 s.
+        waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 400 samples .. 30 s.
     """
     import torch
 
@@ -340,7 +381,7 @@ def compare_encoder(
         model: :class:`~training.model.MullamaModel` or :class:`~training.mert.MertEncoder`; may be None
             when ``reference`` is given.
         onnx_path: An encoder graph (any precision).
-        waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 0.5 s .. 30 s.
+        waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 400 samples .. 30 s.
         threads: ONNX Runtime intra-op threads (default: its own choice).
         reference: :func:`encoder_reference` of these waveforms, computed earlier.
     """

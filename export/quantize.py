@@ -138,6 +138,7 @@ def quantize_gguf(
     """
     import llama_cpp
 
+    from export.safety import disk_full_error, is_disk_full
     from mullama_sdk.llm import route_llama_logs
 
     key = str(quant).lower()
@@ -172,6 +173,8 @@ def quantize_gguf(
     try:
         tmp.touch()  # fail early, with a clear message, if the folder is not writable
     except OSError as e:
+        if is_disk_full(e, dst.parent):
+            raise disk_full_error(dst, dst.parent) from e
         raise BundleError(f"cannot write {dst}: {e}") from e
 
     route_llama_logs()
@@ -181,6 +184,8 @@ def quantize_gguf(
     t0 = time.perf_counter()
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 and is_disk_full(None, tmp.parent):  # checked before the partial output is removed
+            raise disk_full_error(dst, tmp.parent)
         if rc != 0:
             raise BundleError(
                 f"llama.cpp's quantiser failed (return code {rc}) for {src} -> {quant}; its log (logger "

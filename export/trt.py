@@ -1,13 +1,14 @@
 """``mullama-export trt``: TensorRT engines (encoder + adapter) for the GPU of this machine, into a bundle.
 
-    mullama-export trt BUNDLE [--fp16] [--min-seconds 0.5 --opt-seconds 10 --max-seconds 30] [--workspace-gb N]
+    mullama-export trt BUNDLE [--fp16] [--min-seconds S --opt-seconds 10 --max-seconds 30] [--workspace-gb N]
 
 Engines are built with NVIDIA's ``tensorrt`` Python API (Builder, OnnxParser, BuilderConfig, one
 optimization profile) from the bundle's float32 ONNX graphs:
 
 * the encoder's input ``waveform (1, n_samples)`` gets an explicit min/opt/max profile, given in
-  seconds, converted at 24 kHz and clamped to the encoder graph spec's range (0.5 .. 30 s); the
-  adapter is static;
+  seconds, converted at 24 kHz and clamped to the encoder graph spec's range (400 samples, one MERT frame,
+  .. 30 s; the default min is that frame, raised to the bundle's own minimum for bundles exported for
+  0.5 s and more); the adapter is static;
 * networks are strongly typed (the precision is the graph's, TensorRT does not pick lower types on
   its own) and TF32 is off, so an fp32 engine computes in float32. An fp16 engine is built from the
   float16 conversion of the fp32 graph made by :func:`export.onnx_precision.convert_fp16` (the same
@@ -50,13 +51,14 @@ from mullama_sdk.bundle import (
     safe_member,
     sha256_of,
 )
-from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS, SAMPLE_RATE_HZ
+from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.encoder_trt import INSTALL_HINT, GpuInfo, trt_logger
 from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_SECONDS = MIN_WINDOW_SECONDS
+#: One MERT frame (400 samples = 1/60 s): ``round(DEFAULT_MIN_SECONDS * SAMPLE_RATE_HZ) == MIN_WINDOW_SAMPLES``.
+DEFAULT_MIN_SECONDS = MIN_WINDOW_SAMPLES / SAMPLE_RATE_HZ
 DEFAULT_OPT_SECONDS = 10.0
 DEFAULT_MAX_SECONDS = MAX_WINDOW_SECONDS
 
@@ -71,16 +73,19 @@ def waveform_profile(min_seconds: float = DEFAULT_MIN_SECONDS, opt_seconds: floa
     """The encoder's min/opt/max ``n_samples`` at 24 kHz, clamped to the graph spec's range.
 
     Raises:
-        ConfigError: a value outside 0.5..30 s (or not finite), or not ``min <= opt <= max``.
+        ConfigError: a value outside 400 samples (1/60 s) .. 30 s once rounded to samples (or not finite), or
+            not ``min <= opt <= max``.
     """
     from export.graphs import ENCODER_GRAPH
 
     values = {"min": min_seconds, "opt": opt_seconds, "max": max_seconds}
+    max_samples = round(MAX_WINDOW_SECONDS * SAMPLE_RATE_HZ)
     for name, v in values.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
-                or not MIN_WINDOW_SECONDS <= v <= MAX_WINDOW_SECONDS:
+                or not MIN_WINDOW_SAMPLES <= round(v * SAMPLE_RATE_HZ) <= max_samples:
             raise ConfigError(f"--{name}-seconds {v!r} is outside the encoder's window range "
-                              f"{MIN_WINDOW_SECONDS:g}..{MAX_WINDOW_SECONDS:g} s")
+                              f"{DEFAULT_MIN_SECONDS:.3g}..{MAX_WINDOW_SECONDS:g} s "
+                              f"({MIN_WINDOW_SAMPLES}..{max_samples} samples)")
     if not min_seconds <= opt_seconds <= max_seconds:
         raise ConfigError(f"the profile needs min <= opt <= max, got --min-seconds {min_seconds:g} "
                           f"--opt-seconds {opt_seconds:g} --max-seconds {max_seconds:g}")
@@ -212,6 +217,7 @@ def build_bundle_engines(bundle: Path, options: TrtBuildOptions = TrtBuildOption
                           f"from them; re-export the bundle with --encoder-precision fp32 ...")
     if not os.access(bundle, os.W_OK | os.X_OK):
         raise BundleError(f"cannot add engines: the bundle folder {bundle} is not writable")
+    options = _fit_profile_to_bundle(options, manifest.min_window_samples, bundle, say)
     trt, gpu = build_environment()
     sources = {"encoder": manifest.encoder["fp32"], "adapter": manifest.adapter["fp32"]}
     names = list(sources.values())
@@ -256,6 +262,27 @@ def build_bundle_engines(bundle: Path, options: TrtBuildOptions = TrtBuildOption
     _update_manifest(bundle, entry, checks)
     say(f"engines added to {bundle}: {entry.encoder}, {entry.adapter}")
     return entry
+
+
+def _fit_profile_to_bundle(options: TrtBuildOptions, bundle_min: int, bundle: Path,
+                           say: Callable[[str], None]) -> TrtBuildOptions:
+    """Raise the profile's min to the bundle's own minimum window (0.5 s in bundles exported before the
+    400-sample minimum): the runtime never sends shorter windows, and the manifest refuses a profile
+    reaching below what the bundle's encoder was exported and verified for.
+
+    Raises:
+        ConfigError: the raised min would exceed the profile's opt.
+    """
+    profile = options.profile
+    if profile.min >= bundle_min:
+        return options
+    if bundle_min > profile.opt:
+        raise ConfigError(f"{bundle} takes windows of at least {bundle_min} samples "
+                          f"({bundle_min / SAMPLE_RATE_HZ:g} s); --opt-seconds must be at least that, got "
+                          f"{profile.opt / SAMPLE_RATE_HZ:g} s")
+    say(f"the bundle takes windows of at least {bundle_min} samples ({bundle_min / SAMPLE_RATE_HZ:g} s): the "
+        f"profile's min is raised from {profile.min} to {bundle_min} samples")
+    return dataclasses.replace(options, profile=dataclasses.replace(profile, min=bundle_min))
 
 
 def _update_manifest(bundle: Path, entry: TrtEngines, checks) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from .constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS, SAMPLE_RATE_HZ
+from .constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from .errors import AudioError
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "resample",
     "seconds",
     "to_float32",
+    "too_short_message",
     "window_bounds",
 ]
 
@@ -70,6 +71,12 @@ DECODE_BLOCK_FRAMES = 1 << 18
 def seconds(n_samples: int) -> float:
     """Duration in seconds of ``n_samples`` samples at :data:`SAMPLE_RATE_HZ`."""
     return n_samples / SAMPLE_RATE_HZ
+
+
+def too_short_message(n_samples: int, min_samples: int, name: str = "audio") -> str:
+    """The one-line reason a clip of ``n_samples`` (at 24 kHz) is refused, in seconds and in samples."""
+    return (f"{name} is {seconds(n_samples):.3f} s long ({n_samples} samples at {SAMPLE_RATE_HZ // 1000} kHz); "
+            f"at least {min_samples} samples ({seconds(min_samples):.3f} s) are needed")
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarray:
@@ -292,7 +299,7 @@ def window_bounds(
     n_samples: int,
     *,
     max_window_samples: int = round(MAX_WINDOW_SECONDS * SAMPLE_RATE_HZ),
-    min_window_samples: int = round(MIN_WINDOW_SECONDS * SAMPLE_RATE_HZ),
+    min_window_samples: int = MIN_WINDOW_SAMPLES,
 ) -> list[tuple[int, int]]:
     """Split ``[0, n_samples)`` into the fewest windows of at most ``max_window_samples``.
 
@@ -302,7 +309,7 @@ def window_bounds(
     Args:
         n_samples: Length of the 24 kHz waveform.
         max_window_samples: Longest window the encoder takes.
-        min_window_samples: Shortest audio accepted at all.
+        min_window_samples: Shortest audio accepted at all (default: one MERT frame, 400 samples).
 
     Returns:
         ``[(start, stop), ...]`` half-open sample ranges in order.
@@ -319,9 +326,7 @@ def window_bounds(
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     if n_samples < min_window_samples or n_samples == 0:
-        raise AudioError(
-            f"audio is {seconds(n_samples):.2f} s long; at least {seconds(min_window_samples):g} s is needed"
-        )
+        raise AudioError(too_short_message(n_samples, max(min_window_samples, 1)))
     count = -(-n_samples // max_window_samples)
     base, extra = divmod(n_samples, count)
     bounds = []
@@ -344,7 +349,7 @@ def iter_windows(
     sample_rate: int | None = None,
     *,
     max_window_seconds: float = MAX_WINDOW_SECONDS,
-    min_window_seconds: float = MIN_WINDOW_SECONDS,
+    min_window_samples: int = MIN_WINDOW_SAMPLES,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(start, stop, window)`` encoder windows (24 kHz mono float32) of a clip, in order.
 
@@ -354,11 +359,15 @@ def iter_windows(
     window whatever the duration; the window plan is made from the announced length and the last
     window absorbs any few-sample difference (or what is left when the file is shorter than announced).
 
+    ``min_window_samples`` is the shortest clip accepted, counted at 24 kHz after resampling (a bundle's
+    own minimum, see :attr:`mullama_sdk.bundle.Manifest.min_window_samples`); shorter clips raise the
+    one-line :func:`too_short_message` error, whatever the way in.
+
     Raises:
         AudioError: as :func:`load_audio`; also for NaN/Inf found while streaming.
     """
     max_n = round(max_window_seconds * SAMPLE_RATE_HZ)
-    min_n = round(min_window_seconds * SAMPLE_RATE_HZ)
+    min_n = int(min_window_samples)
     info = _stream_info(source) if sample_rate is None else None
     if info is None:
         wave = load_audio(source, sample_rate)
@@ -368,7 +377,7 @@ def iter_windows(
     file, rate, n_frames, channels = info
     expected = int(round(n_frames * SAMPLE_RATE_HZ / rate))
     # window_bounds' plan, computed per window: a corrupt header may announce years of audio.
-    n_windows = -(-expected // max_n)
+    n_windows = max(1, -(-expected // max_n))
     base, extra = divmod(expected, n_windows)
     name = _describe(source)
     stream = None if rate == SAMPLE_RATE_HZ else soxr.ResampleStream(
@@ -406,9 +415,12 @@ def iter_windows(
         raise AudioError(f"{name} is truncated or damaged: decoding failed after {n_read} of the {n_frames} "
                          f"frames its header announces ({str(exc).rstrip('.')})") from exc
     tail = np.concatenate(pending) if pending else np.zeros(0, np.float32)
+    if len(tail) < min_n and emitted == 0 and expected < min_n:  # too short, as its header says: as window_bounds
+        raise AudioError(too_short_message(len(tail), max(min_n, 1)))
     if len(tail) < min_n:
-        raise AudioError(f"{name}: the last window decoded to {seconds(len(tail)):.2f} s, less than "
-                         f"{seconds(min_n):g} s (the file is shorter than its header says)")
+        raise AudioError(f"{name}: the last window decoded to {seconds(len(tail)):.3f} s ({len(tail)} samples), "
+                         f"less than {min_n} samples ({seconds(min_n):.3f} s) (the file is shorter than its "
+                         f"header says)")
     yield emitted, emitted + len(tail), tail
 
 

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mullama_sdk.constants import SAMPLE_RATE_HZ
+from mullama_sdk.cpu import INT8_SCHEME, INT8_SCHEMES, INT8_WEIGHT_LIMIT, LEGACY_INT8_SCHEME
 from mullama_sdk.errors import BundleError
 
 MANIFEST_NAME = "mullama.json"
@@ -121,6 +122,9 @@ class Manifest:
     inject_layers: tuple[int, ...]
     sample_rate: int
     min_window_seconds: float
+    #: Shortest clip the bundle's encoder was exported and verified for, in samples at ``sample_rate``:
+    #: ``audio.min_window_samples``, or ``round(min_window_seconds * sample_rate)`` for bundles that predate it.
+    min_window_samples: int
     max_window_seconds: float
     prompt_template: str
     default_question: str
@@ -138,6 +142,10 @@ class Manifest:
     notes: tuple[str, ...] = ()
     #: TensorRT engines by precision (optional ``trt`` section, written by ``mullama-export trt``).
     trt: dict[str, TrtEngines] = dataclasses.field(default_factory=dict)
+    #: How the int8 graphs were quantized (``quantization.int8.scheme``, one of
+    #: :data:`mullama_sdk.cpu.INT8_SCHEMES`); bundles that record none have the legacy full-range scheme.
+    #: ``None`` when the bundle ships no int8 graphs.
+    int8_scheme: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -240,17 +248,21 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
     audio = _need(raw, "audio", dict, where)
     prompt = _need(raw, "prompt", dict, where)
     sample_rate = int(_need(audio, "sample_rate", int, f"{where} audio"))
-    min_window = float(_need(audio, "min_window_seconds", (int, float), f"{where} audio"))
+    if sample_rate != SAMPLE_RATE_HZ:  # first: the minimum window is converted at this rate
+        raise BundleError(f"{where}: audio.sample_rate is {sample_rate} Hz; this runtime feeds the encoder "
+                          f"{SAMPLE_RATE_HZ} Hz (MERT's rate)")
+    min_window, min_samples = _min_window(audio, sample_rate, f"{where} audio")
     max_window = float(_need(audio, "max_window_seconds", (int, float), f"{where} audio"))
     _check_values(raw, dims, sample_rate, min_window, max_window, where)
     trt = parse_trt_section(raw.get("trt", {}), files, where=where,
-                            samples=(round(min_window * sample_rate), round(max_window * sample_rate)))
+                            samples=(min_samples, round(max_window * sample_rate)))
     return Manifest(
         format_version=version,
         dims=dims,
         inject_layers=inject,
         sample_rate=sample_rate,
         min_window_seconds=min_window,
+        min_window_samples=min_samples,
         max_window_seconds=max_window,
         prompt_template=_need(prompt, "template", str, f"{where} prompt"),
         default_question=_need(prompt, "default_question", str, f"{where} prompt"),
@@ -267,8 +279,57 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         verification=dict(_optional(raw, "verification", dict, where)),
         notes=tuple(str(n) for n in _optional(raw, "notes", list, where)),
         trt=trt,
+        int8_scheme=_int8_scheme(raw, encoder, where),
         raw=raw,
     )
+
+
+def int8_manifest_entry(scheme: str = INT8_SCHEME) -> dict[str, Any]:
+    """The manifest's ``quantization.int8`` object for graphs quantized with ``scheme``."""
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown int8 scheme {scheme!r}; known: {', '.join(INT8_SCHEMES)}")
+    return {"scheme": scheme, "activations": "uint8, quantized per call",
+            "weights": f"int8, symmetric per output channel, |w| <= {INT8_WEIGHT_LIMIT if scheme == INT8_SCHEME else 127}",
+            "exact_on_every_cpu": INT8_SCHEMES[scheme]}
+
+
+def _int8_scheme(raw: dict[str, Any], encoder: dict[str, str], where: str) -> str | None:
+    """``quantization.int8.scheme``: checked against the known schemes; the legacy one when absent."""
+    section = _optional(raw, "quantization", dict, where)
+    entry = section.get("int8")
+    if entry is None:
+        return LEGACY_INT8_SCHEME if "int8" in encoder else None
+    if not isinstance(entry, dict):
+        raise BundleError(f"{where}: quantization.int8 must be an object with a 'scheme'")
+    scheme = _need(entry, "scheme", str, f"{where} quantization.int8")
+    if scheme not in INT8_SCHEMES:
+        raise BundleError(f"{where}: quantization.int8.scheme {scheme!r} is unknown to this mullama-sdk "
+                          f"(known: {', '.join(INT8_SCHEMES)}); upgrade mullama-sdk or re-export the bundle")
+    return scheme
+
+
+def _min_window(audio: dict[str, Any], sample_rate: int, where: str) -> tuple[float, int]:
+    """(seconds, samples) of the audio section's minimum window.
+
+    Bundles since the 400-sample minimum state ``min_window_samples`` (exact) next to ``min_window_seconds``
+    (``samples / sample_rate``, for older readers); older bundles state seconds only (0.5 s). When both are
+    given they must name the same number of samples.
+    """
+    if "min_window_samples" not in audio:
+        seconds = float(_need(audio, "min_window_seconds", (int, float), where))
+        if not math.isfinite(seconds) or seconds < 0:
+            raise BundleError(f"{where}: min_window_seconds must be a number >= 0, got {seconds}")
+        return seconds, round(seconds * sample_rate)
+    samples = _need(audio, "min_window_samples", int, where)
+    if samples < 0:
+        raise BundleError(f"{where}: min_window_samples must be >= 0, got {samples}")
+    if "min_window_seconds" not in audio:
+        return samples / sample_rate, samples
+    seconds = float(_need(audio, "min_window_seconds", (int, float), where))
+    if not math.isfinite(seconds) or round(seconds * sample_rate) != samples:
+        raise BundleError(f"{where}: min_window_samples {samples} and min_window_seconds {seconds} disagree "
+                          f"(at {sample_rate} Hz {seconds} s is {seconds * sample_rate:g} samples)")
+    return seconds, samples
 
 
 def _optional(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -281,9 +342,6 @@ def _optional(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
 def _check_values(raw: dict[str, Any], dims: Dims, sample_rate: int, min_window: float, max_window: float,
                   where: str) -> None:
     """Values of the right type that would still fail, or silently mislead, at caption time."""
-    if sample_rate != SAMPLE_RATE_HZ:
-        raise BundleError(f"{where}: audio.sample_rate is {sample_rate} Hz; this runtime feeds the encoder "
-                          f"{SAMPLE_RATE_HZ} Hz (MERT's rate)")
     if not (math.isfinite(min_window) and math.isfinite(max_window) and 0 <= min_window <= max_window
             and max_window > 0):
         raise BundleError(f"{where}: audio needs 0 <= min_window_seconds <= max_window_seconds, max > 0; got "
@@ -441,3 +499,14 @@ def check_gguf_dims(path: Path, manifest: Manifest) -> None:
         raise BundleError(f"{path.name} has a malformed GGUF header field: {e}") from e
     if tuple(layers) != manifest.inject_layers:
         raise BundleError(f"{path.name}: mullama.inject_layers {layers} != manifest {list(manifest.inject_layers)}")
+
+
+def failed_verification(manifest: Manifest) -> list[str]:
+    """Verification rows the export recorded as failed (a bundle written with ``--no-strict``), e.g.
+    ``["encoder/int8", "adapter/int8"]``: from ``failed_verification`` and from the rows themselves."""
+    recorded = manifest.raw.get("failed_verification", [])
+    failed = [n for n in recorded if isinstance(n, str)] if isinstance(recorded, list) else []
+    for name, row in manifest.verification.items():
+        if isinstance(row, dict) and row.get("passed") is False and not row.get("skipped") and name not in failed:
+            failed.append(str(name))
+    return failed

@@ -31,9 +31,11 @@ from mullama_sdk.bundle import (
     Manifest,
     check_files,
     check_gguf_dims,
+    failed_verification,
     load_manifest,
     safe_member,
 )
+from mullama_sdk.constants import MIN_WINDOW_SAMPLES
 from mullama_sdk.errors import AudioError, BundleError, ContextLengthError
 from mullama_sdk.sampling import Sampler
 
@@ -128,6 +130,9 @@ class Captioner:
         self._batch_size = batch_size
         self._exact = exact
         self.max_window_seconds = max_window_seconds
+        #: Shortest clip accepted, in 24 kHz samples: the bundle's own minimum (its encoder was exported and
+        #: verified down to it; 0.5 s in bundles older than the 400-sample minimum), never below one MERT frame.
+        self.min_window_samples = max(manifest.min_window_samples, MIN_WINDOW_SAMPLES)
         # A plain Lock, not an RLock: an abandoned caption_stream may be finalised (and release it) in
         # another thread. Re-entry from the owning thread is detected through _owner instead.
         self._lock = threading.Lock()
@@ -215,6 +220,13 @@ class Captioner:
                 raise BundleError(
                     f"{name}={value!r} is not in this bundle (it has {sorted(options)}; known: {allowed})"
                 )
+        failed = failed_verification(manifest)
+        if failed:  # a bundle exported with --no-strict
+            used = [n for n in failed if n in (f"encoder/{precision}", f"adapter/{precision}", f"llm/{quant}")]
+            log.warning("bundle %s failed verification at export time for %s (exported with --no-strict)%s",
+                        bundle_dir, ", ".join(failed),
+                        f"; the variants loaded now ({', '.join(used)}) are among them: outputs may be wrong"
+                        if used else "; the variants loaded now passed")
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16 tokens, got {n_ctx}")
         if batch_size < 1:
@@ -254,7 +266,7 @@ class Captioner:
         try:
             # Windows arrive one by one (long files are streamed), so memory does not grow with duration.
             for start, stop, window in iter_windows(audio, sample_rate, max_window_seconds=self.max_window_seconds,
-                                                    min_window_seconds=self.manifest.min_window_seconds):
+                                                    min_window_samples=self.min_window_samples):
                 if epoch is not None and epoch != self._cancel_epoch:
                     return None
                 bounds.append((start, stop))

@@ -22,6 +22,7 @@ from typing import Any
 
 from mullama_sdk import encoder_trt
 from mullama_sdk.bundle import ENCODER_PRECISIONS, Manifest, TrtEngines, safe_member
+from mullama_sdk.cpu import INT8_SCHEMES, LEGACY_INT8_SCHEME, int8_kernel
 from mullama_sdk.errors import BackendUnavailableError, BundleError
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,34 @@ def choose_encoder_backend(manifest: Manifest, *, device: str = "auto", encoder_
         precision = "fp16"
     else:
         precision = manifest.default_encoder_precision
+    if precision == "int8" and providers[0] == _CPU:
+        precision = _int8_here(manifest, forced=encoder_precision is not None)
     choice = EncoderChoice("tensorrt" if trt is not None else "onnxruntime", providers, precision, trt, forced,
                            tuple(reasons))
     if reasons:
         level = logging.WARNING if device == "cuda" and not choice.on_gpu else logging.INFO
         log.log(level, "encoder on %s (device=%r): %s", choice.describe(), device, "; ".join(reasons))
     return choice
+
+
+def _int8_here(manifest: Manifest, *, forced: bool) -> str:
+    """``int8``, unless the bundle's int8 graphs saturate on this CPU's kernel: then fp32 (or fp16), with a
+    one-line warning. Graphs of the legacy scheme (bundles made before int8 weights were limited to 7 bits)
+    are right only where int8 products accumulate exactly (VNNI, non-x86); see :mod:`mullama_sdk.cpu`."""
+    scheme = manifest.int8_scheme or LEGACY_INT8_SCHEME
+    kernel = int8_kernel()
+    if INT8_SCHEMES.get(scheme, False) or kernel.exact:
+        return "int8"
+    fallback = next((p for p in ("fp32", "fp16") if p in manifest.encoder and p in manifest.adapter), None)
+    why = (f"this bundle's int8 graphs use full-range weights ({scheme}), which this CPU's int8 kernel "
+           f"({kernel.describe()}) can saturate, giving wrong music vectors")
+    fix = "re-quantize the bundle once with `mullama-export requantize BUNDLE`"
+    if forced or fallback is None:
+        log.warning("%s; int8 is used because %s; %s", why,
+                    "it was asked for" if forced else "the bundle has no fp32/fp16 graphs", fix)
+        return "int8"
+    log.warning("%s; using the %s graphs instead (%s)", why, fallback, fix)
+    return fallback
 
 
 def open_encoder(choice: EncoderChoice, bundle_dir: Path, manifest: Manifest, *, n_threads: int | None,
@@ -187,8 +210,8 @@ def open_encoder(choice: EncoderChoice, bundle_dir: Path, manifest: Manifest, *,
             log.warning("TensorRT engines could not be loaded (%s); the encoder runs on ONNX Runtime %s on %s",
                         e, choice.onnx_precision, choice.providers[0])
             return onnx_encoder()
-        if enc.profile.max < round(manifest.max_window_seconds * manifest.sample_rate) or enc.profile.min > round(
-                manifest.min_window_seconds * manifest.sample_rate):
+        if (enc.profile.max < round(manifest.max_window_seconds * manifest.sample_rate)
+                or enc.profile.min > manifest.min_window_samples):
             log.info("TensorRT profile covers %s; windows outside it run on ONNX Runtime (%s)",
                      enc.profile.seconds(manifest.sample_rate), choice.providers[0])
         return enc

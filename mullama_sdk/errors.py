@@ -33,3 +33,7 @@ class ConfigError(MullamaError, ValueError):
 
 class CheckpointError(MullamaError):
     """A checkpoint whose keys or shapes do not match the model it is loaded into."""
+
+
+class DiskFullError(BundleError):
+    """The disk ran out of space while a bundle (or one of its files) was being written."""

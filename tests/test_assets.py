@@ -111,7 +111,8 @@ def test_two_builds_are_byte_identical(tiny_assets: TinyAssets, tmp_path: Path) 
 def test_seed_changes_weights_only(tiny_assets: TinyAssets, tmp_path: Path) -> None:
     other = sha256_tree(build_tiny_assets(tmp_path / "seed1", seed=1).root)
     same = {k for k, v in sha256_tree(tiny_assets.root).items() if other[k] == v}
-    assert all(k.startswith("audio/") or k.endswith((".json", ".model")) for k in same), same
+    unseeded = (".json", ".model", "tokenizer_checklist.chk")
+    assert all(k.startswith("audio/") or k.endswith(unseeded) for k in same), same
 
 
 def test_pickles_equal_plain_torch_save(tiny_assets: TinyAssets, tmp_path: Path) -> None:
@@ -132,7 +133,7 @@ def test_pickles_equal_plain_torch_save(tiny_assets: TinyAssets, tmp_path: Path)
 
 
 def test_tokenizer_follows_llama_conventions(tiny_assets: TinyAssets) -> None:
-    sp = spm.SentencePieceProcessor(model_file=str(tiny_assets.llama_dir / "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_assets.tokenizer))
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
     assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
     assert sp.get_piece_size() == tiny_assets.dims.vocab_size
@@ -163,14 +164,14 @@ def test_llama_folder_matches_params(tiny_assets: TinyAssets, shard: dict[str, t
         "n_heads": 4,
         "n_layers": 4,
         "norm_eps": 1e-5,
-        "vocab_size": tiny_assets.dims.vocab_size,
+        "vocab_size": -1,  # as Meta's LLaMA-2 params.json: the tokenizer's size
     }
     dim, hidden = params["dim"], 192  # multiple_of * ceil(int(2 * 4 * dim / 3) / multiple_of)
     assert tiny_assets.dims.ffn_hidden == hidden
     expected = {
-        "tok_embeddings.weight": (params["vocab_size"], dim),
+        "tok_embeddings.weight": (tiny_assets.dims.vocab_size, dim),
         "norm.weight": (dim,),
-        "output.weight": (params["vocab_size"], dim),
+        "output.weight": (tiny_assets.dims.vocab_size, dim),
     }
     for n in range(params["n_layers"]):
         expected |= {f"layers.{n}.attention.{w}.weight": (dim, dim) for w in ATTENTION}

@@ -358,13 +358,22 @@ def test_window_examples():
 
 def test_window_defaults_come_from_the_constants():
     assert window_bounds(31 * SR) == [(0, 372_000), (372_000, 744_000)]
-    with pytest.raises(AudioError, match=r"audio is 0\.30 s long; at least 0\.5 s is needed"):
-        window_bounds(round(0.3 * SR))
+    # The default minimum is one MERT frame (400 samples at 24 kHz), stated in seconds and samples.
+    assert window_bounds(400) == [(0, 400)] and window_bounds(1200) == [(0, 1200)]
+    with pytest.raises(AudioError) as err:
+        window_bounds(399)
+    assert str(err.value) == "audio is 0.017 s long (399 samples at 24 kHz); at least 400 samples (0.017 s) are needed"
+    with pytest.raises(AudioError) as err:
+        window_bounds(round(0.01 * SR))
+    assert str(err.value) == "audio is 0.010 s long (240 samples at 24 kHz); at least 400 samples (0.017 s) are needed"
 
 
 def test_too_short_for_a_window():
-    with pytest.raises(AudioError, match=r"audio is 0\.00 s long; at least 0\.5 s is needed"):
+    with pytest.raises(AudioError, match=r"^audio is 0\.000 s long \(0 samples at 24 kHz\); at least 12000 samples "
+                                         r"\(0\.500 s\) are needed$"):
         window_bounds(0, max_window_samples=30 * SR, min_window_samples=SR // 2)
+    with pytest.raises(AudioError, match=r"\(0 samples at 24 kHz\); at least 1 samples"):  # min 0: still not empty
+        window_bounds(0, max_window_samples=30 * SR, min_window_samples=0)
 
 
 @pytest.mark.parametrize(("max_w", "min_w"), [(0, 0), (10, 20), (10, -1)])

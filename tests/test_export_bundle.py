@@ -58,6 +58,7 @@ def test_bad_inputs_get_named_errors(tiny_assets, tmp_path):
 
     llama = tmp_path / "llama"
     shutil.copytree(tiny_assets.llama_dir, llama)
+    shutil.copy(tiny_assets.tokenizer, llama)  # the flat layout: tokenizer.model beside the weights
     params = json.loads((llama / "params.json").read_text())
     params["n_heads"] = 8
     params["dim"] = 128

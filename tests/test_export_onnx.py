@@ -2,7 +2,7 @@
 
 Tolerances: float32 graphs <= 1e-4 relative (``max|onnx - torch| / max|torch|``, the graph specs' value;
 measured ~1e-6). float16 and int8 are lossy by design: they are asserted loosely (float16 <= 1e-2
-relative; int8 keeps every injection vector's direction, cosine >= 0.99) and their errors are printed.
+relative; int8 keeps every injection vector's direction, cosine >= 0.999) and their errors are printed.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from export.onnx_precision import (
     quantize_int8,
 )
 from mullama_sdk.audio import load_audio
-from mullama_sdk.constants import SAMPLE_RATE_HZ
+from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError
 from training.loading import load_reference
 from training.model import MullamaModel
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
-INT8_MIN_COSINE = 0.99
+INT8_MIN_COSINE = 0.999  # int8 weights within [-64, 64]: the same numbers on every CPU kernel (mullama_sdk.cpu)
 TEST_SECONDS = (0.5, 1.0, 4.0, 10.0)
 
 
@@ -167,6 +167,34 @@ def test_encoder_accepts_30_s_window(graphs, model, clips):
     assert compare_encoder(model, graphs["encoder"], [w]).passed(FP32_TOL)
 
 
+def test_encoder_fp32_matches_torch_on_one_shot_lengths(graphs, model, clips):
+    """Down to one MERT frame: 400 samples (1 frame) and a 50 ms one-shot (1200 samples, 3 frames) run on their
+    real samples (no padding) and equal the torch reference within the graph's stated tolerance."""
+    assert ENCODER_GRAPH.dynamic["n_samples"].min == MIN_WINDOW_SAMPLES == 400
+    long = clips["music_24k_mono_10s.wav"]
+    rng = np.random.default_rng(7)
+    t = np.arange(1200) / SAMPLE_RATE_HZ
+    hit = (np.exp(-t / 0.015) * (0.5 * rng.standard_normal(1200) + 0.4 * np.sin(2 * np.pi * 90 * t)))
+    waves = [long[:400], long[5000:5400], long[:1200], hit.astype(np.float32), hit[:400].astype(np.float32)]
+    report = compare_encoder(model, graphs["encoder"], waves)
+    print(report.summary())
+    assert report.n_cases == len(waves)
+    assert report.passed(ENCODER_GRAPH.tolerance), report.summary()
+    assert report["n_frames"].max_abs == 0
+    sess = ort.InferenceSession(str(graphs["encoder"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for w in waves:
+            means, n_frames = sess.run(["state_means", "n_frames"], {"waveform": w[None]})
+            assert int(n_frames) == {400: 1, 1200: 3}[len(w)]
+            ref, ref_frames = model.mert(torch.from_numpy(w)[None])
+            assert ref_frames == int(n_frames)
+            ref = ref[0].numpy()
+            assert np.isfinite(means).all() and np.abs(means - ref).max() <= ENCODER_GRAPH.tolerance * np.abs(ref).max()
+    # One frame is not the mean of anything else: a different 400-sample clip gives different means.
+    a, b = (sess.run(["state_means"], {"waveform": w[None]})[0] for w in waves[:2])
+    assert np.abs(a - b).max() > 1e-3
+
+
 def test_adapter_fp32_matches_reference(graphs, model, state_means):
     """``injection`` = model.injection_vectors(a) (unfolded reference) and ``music_query`` = model.music_query."""
     report = compare_adapter(model, graphs["adapter"], state_means)
@@ -227,7 +255,7 @@ def test_fp16_error_is_reported(graphs, model, waveforms, state_means):
 
 
 def test_int8_keeps_injection_direction(graphs, model, clips, state_means):
-    """cosine(d_l int8, d_l fp32) >= 0.99 for every injected layer, on each test clip.
+    """cosine(d_l int8, d_l fp32) >= 0.999 for every injected layer, on each test clip.
 
     End to end (encoder then adapter, both int8 vs both float32) and adapter alone.
     """

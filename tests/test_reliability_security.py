@@ -76,6 +76,8 @@ def test_every_weight_file_goes_through_the_same_gate(tiny_assets, tmp_path, whi
     src = tiny_assets.mert_dir if which == "mert" else tiny_assets.llama_dir
     folder = tmp_path / which
     shutil.copytree(src, folder)
+    if which == "llama":
+        shutil.copy(tiny_assets.tokenizer, folder)  # the flat layout: tokenizer.model beside the weights
     name = "pytorch_model.bin" if which == "mert" else "consolidated.00.pth"
     content = torch_load(folder / name)
     _evil(folder / name, marker, content=content)

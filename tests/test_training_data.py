@@ -23,7 +23,7 @@ from training.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def tok(tiny_assets):
-    return Tokenizer(tiny_assets.llama_dir / "tokenizer.model")
+    return Tokenizer(tiny_assets.tokenizer)
 
 
 def _write(tmp_path, items):

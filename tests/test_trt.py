@@ -88,7 +88,8 @@ def _no(what: str):
 
 # --------------------------------------------------------------------------------------- profiles
 def test_waveform_profile_from_seconds():
-    assert waveform_profile() == WaveformProfile(12_000, 240_000, 720_000)  # 0.5 / 10 / 30 s
+    assert waveform_profile() == WaveformProfile(400, 240_000, 720_000)  # one MERT frame / 10 / 30 s
+    assert waveform_profile(400 / SR, 400 / SR, 400 / SR) == WaveformProfile(400, 400, 400)
     assert waveform_profile(1, 5, 20) == WaveformProfile(24_000, 120_000, 480_000)
     assert waveform_profile(0.5, 0.5, 0.5) == WaveformProfile(12_000, 12_000, 12_000)
     assert waveform_profile(30, 30, 30) == WaveformProfile(720_000, 720_000, 720_000)
@@ -98,7 +99,8 @@ def test_waveform_profile_from_seconds():
 @pytest.mark.parametrize(("args", "match"), [
     ((3, 2, 30), "min <= opt <= max"),
     ((0.5, 20, 10), "min <= opt <= max"),
-    ((0.4, 10, 30), r"--min-seconds 0.4 is outside the encoder's window range 0.5..30 s"),
+    ((0.01, 10, 30), r"--min-seconds 0.01 is outside the encoder's window range 0.0167..30 s \(400..720000 samples\)"),
+    ((0.0166, 10, 30), r"--min-seconds 0.0166 is outside"),  # 398.4 samples: below one MERT frame
     ((0.5, 10, 30.5), r"--max-seconds 30.5 is outside"),
     ((0.5, float("nan"), 30), "--opt-seconds nan is outside"),
     ((0.5, 10, float("inf")), "--max-seconds inf is outside"),
@@ -121,6 +123,31 @@ def test_profile_contains():
     p = WaveformProfile(100, 200, 300)
     assert p.contains(100) and p.contains(300) and not p.contains(99) and not p.contains(301)
     assert p.seconds(100) == "1..3 s (opt 2 s)"
+
+
+def test_profile_min_is_raised_to_an_older_bundles_minimum():
+    """A bundle exported for >= 0.5 s (12000 samples) gets engines whose profile starts there, not at one frame:
+    its manifest refuses a profile reaching below its own minimum."""
+    from export.trt import _fit_profile_to_bundle
+
+    said = []
+    default = TrtBuildOptions()
+    assert default.profile.min == 400
+    raised = _fit_profile_to_bundle(default, 12_000, Path("old.bundle"), said.append)
+    assert raised.profile == WaveformProfile(12_000, 240_000, 720_000) and raised.precision == default.precision
+    assert said == ["the bundle takes windows of at least 12000 samples (0.5 s): the profile's min is raised from "
+                    "400 to 12000 samples"]
+    assert _fit_profile_to_bundle(default, 400, Path("new.bundle"), said.append) is default and len(said) == 1
+    with pytest.raises(ConfigError, match=r"old\.bundle takes windows of at least 12000 samples \(0\.5 s\); "
+                                          r"--opt-seconds must be at least that, got 0\.1 s"):
+        _fit_profile_to_bundle(TrtBuildOptions(profile=waveform_profile(opt_seconds=0.1)), 12_000,
+                               Path("old.bundle"), said.append)
+    old = _raw_manifest({"fp16": _trt_entry("fp16", profile=(400, 240_000, 720_000))})
+    with pytest.raises(BundleError, match="12000..720000 samples"):
+        parse_manifest(old)
+    new = _raw_manifest({"fp16": _trt_entry("fp16", profile=(400, 240_000, 720_000))})
+    new["audio"].update(min_window_samples=400, min_window_seconds=400 / SR)
+    assert parse_manifest(new).trt["fp16"].profile.min == 400
 
 
 # ------------------------------------------------------------------------------ manifest trt section
@@ -707,7 +734,7 @@ def test_cli_trt_says_why_it_cannot_run(tiny_bundle, tmp_path, capsys):
     assert main(["trt", str(tiny_bundle), "--min-seconds", "5", "--opt-seconds", "2"]) == 2
     assert "min <= opt <= max" in capsys.readouterr().err
     assert main(["trt", str(tiny_bundle), "--max-seconds", "60"]) == 2
-    assert "--max-seconds 60.0 is outside the encoder's window range 0.5..30 s" in capsys.readouterr().err
+    assert "--max-seconds 60.0 is outside the encoder's window range 0.0167..30 s" in capsys.readouterr().err
     assert main(["trt", str(tmp_path / "nope")]) == 2
     assert "bundle folder not found" in capsys.readouterr().err
 
@@ -751,7 +778,7 @@ def test_export_verify_and_run_on_stand_in(tiny_bundle, tmp_path, fake_trt, monk
     assert set(m.trt) == {"fp32", "fp16"}
     e32, e16 = m.trt["fp32"], m.trt["fp16"]
     assert e32.profile == WaveformProfile(24_000, 48_000, 120_000)
-    assert e16.profile == WaveformProfile(12_000, 240_000, 720_000) and e16.workspace_gb == 2.0
+    assert e16.profile == WaveformProfile(400, 240_000, 720_000) and e16.workspace_gb == 2.0  # default min: 1 frame
     assert (e32.tensorrt_version, e32.gpu_name, e32.compute_capability) == ("10.13.0.35", "NVIDIA A10G", "8.6")
     assert e32.build_seconds >= 0 and e32.built.endswith("Z") and m.versions["tensorrt"] == "10.13.0.35"
     check_files(dst, m, list(m.files), sha256=True)  # the file table covers the engines

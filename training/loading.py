@@ -101,13 +101,27 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
                 f"(<= {CHECKPOINT_FORMAT_VERSION}); upgrade mullama-sdk"
             )
         info = {k: v for k, v in raw.items() if k not in ("model", "config", "optimizer")}
-        return Checkpoint(Path(path), dict(raw["model"]), dict(raw["config"]), None, info)
+        return Checkpoint(Path(path), _strip_ddp_prefix(raw["model"], path), dict(raw["config"]), None, info)
     if "model" in raw and isinstance(raw["model"], dict):
-        return Checkpoint(Path(path), dict(raw["model"]), None, raw.get("args"), {"epoch": raw.get("epoch")})
+        return Checkpoint(Path(path), _strip_ddp_prefix(raw["model"], path), None, raw.get("args"),
+                          {"epoch": raw.get("epoch")})
     raise CheckpointError(
         f"{path}: neither a published MU-LLaMA checkpoint (dict with 'model') nor a {CHECKPOINT_FORMAT} "
         f"file; top-level keys: {sorted(map(str, raw))[:10]}"
     )
+
+
+_DDP_PREFIX = "module."
+
+
+def _strip_ddp_prefix(sd: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The state dict with ``module.`` removed from every key when every key has it (a DDP-wrapped save)."""
+    sd = dict(sd)
+    if sd and all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in sd):
+        log.info("%s: state dict saved from a DDP-wrapped model; stripped the %r prefix of its %d keys",
+                 path, _DDP_PREFIX, len(sd))
+        return {k[len(_DDP_PREFIX):]: v for k, v in sd.items()}
+    return sd
 
 
 def save_checkpoint(
@@ -193,6 +207,76 @@ def _check_llama_dims(p: LlamaParams, llama: dict[str, torch.Tensor], source: st
         raise ConfigError(f"params.json says n_layers={p.n_layers}, but {source} has {n} layers")
 
 
+@dataclass(frozen=True)
+class LlamaFolder:
+    """Where the files of a Meta-format LLaMA are, whichever published layout holds them.
+
+    Attributes:
+        weights: The model folder: ``params.json`` and ``consolidated.*.pth`` (and Meta's ``checklist.chk``).
+        tokenizer: ``tokenizer.model``, in ``weights`` or its parent.
+    """
+
+    weights: Path
+    tokenizer: Path
+
+    @property
+    def params(self) -> Path:
+        return self.weights / "params.json"
+
+
+_META_LAYOUT = ("Meta's original LLaMA format: a model folder with params.json and consolidated.*.pth "
+                "(llama-2-7b/ or 7B/), tokenizer.model beside it or one level up")
+_HF_WEIGHTS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+               "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _is_hf_layout(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(any(folder.glob(g)) for g in _HF_WEIGHTS)
+
+
+def resolve_llama_dir(llama_dir: Path) -> LlamaFolder:
+    """Find the model folder and ``tokenizer.model`` that ``--llama-dir`` names.
+
+    Accepted layouts (spec section 2): the model folder itself with ``tokenizer.model`` next to the weights
+    or one level up (Meta's LLaMA-2 download keeps it beside ``llama-2-7b/``, MU-LLaMA's ``LLaMA/`` beside
+    ``7B/``); or the parent folder holding exactly one model folder (a subfolder with ``params.json``).
+
+    Raises:
+        ConfigError: naming the folder and what to pass instead (including for a Hugging Face layout).
+    """
+    llama_dir = Path(llama_dir)
+    if not llama_dir.is_dir():
+        raise ConfigError(f"LLaMA folder not found: {llama_dir} (--llama-dir takes {_META_LAYOUT})")
+    if (llama_dir / "params.json").is_file():
+        weights = llama_dir
+    else:
+        models = sorted(d for d in llama_dir.iterdir() if d.is_dir() and (d / "params.json").is_file())
+        if not models and _is_hf_layout(llama_dir):
+            raise ConfigError(
+                f"{llama_dir} is an HF-layout folder (config.json + model.safetensors/pytorch_model*.bin, no "
+                f"params.json); --llama-dir takes {_META_LAYOUT}. Download Meta's original checkpoint "
+                "(e.g. meta-llama/Llama-2-7b, not the -hf repository) and pass its model folder"
+            )
+        if not models:
+            raise ConfigError(
+                f"{llama_dir} has no params.json, nor a model folder holding one; --llama-dir takes {_META_LAYOUT}"
+            )
+        if len(models) > 1:
+            raise ConfigError(
+                f"{llama_dir} holds {len(models)} LLaMA model folders ({', '.join(d.name for d in models)}); "
+                "pass the one to use as --llama-dir"
+            )
+        weights = models[0]
+        log.info("LLaMA: using %s, the only model folder in %s", weights, llama_dir)
+    for folder in (weights, weights.parent):
+        if (folder / "tokenizer.model").is_file():
+            return LlamaFolder(weights, folder / "tokenizer.model")
+    raise ConfigError(
+        f"no tokenizer.model in {weights} or {weights.parent}: Meta's download keeps it one level above the "
+        "model folder (llama/tokenizer.model beside llama/llama-2-7b/); put it there or next to params.json"
+    )
+
+
 @dataclass
 class ModelSources:
     """Every tensor of one model, by published-layout part, still memory-mapped; plus the config.
@@ -208,6 +292,7 @@ class ModelSources:
     mert: dict[str, torch.Tensor]
     adapter: dict[str, torch.Tensor]
     prefix_query: torch.Tensor
+    #: The LLaMA model folder (params.json, consolidated.*.pth) that ``--llama-dir`` resolved to.
     llama_dir: Path
     mert_dir: Path
 
@@ -226,15 +311,18 @@ def open_sources(
     Raises:
         CheckpointError, ConfigError: see :func:`load_reference`.
     """
-    llama_dir, mert_dir = Path(llama_dir), Path(mert_dir)
+    mert_dir = Path(mert_dir)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, trust_pickle=trust_pickle)
     parts = split_published(ckpt.model)
+    folder = resolve_llama_dir(llama_dir)
+    llama_dir = folder.weights
 
-    tokenizer = Tokenizer(llama_dir / "tokenizer.model")
-    params = LlamaParams.from_params_json(llama_dir / "params.json", vocab_size=tokenizer.n_vocab)
+    tokenizer = Tokenizer(folder.tokenizer)
+    params = LlamaParams.from_params_json(folder.params, vocab_size=tokenizer.n_vocab)
     if params.vocab_size != tokenizer.n_vocab:
         raise ConfigError(
-            f"params.json vocab_size {params.vocab_size} != {tokenizer.path.name} size {tokenizer.n_vocab}"
+            f"{folder.params}: params.json vocab_size {params.vocab_size} != {tokenizer.path} size "
+            f"{tokenizer.n_vocab} (Meta's LLaMA-2 files say -1: the tokenizer's size)"
         )
     _check_llama_dims(params, parts["llama"], str(ckpt.path))
 
@@ -290,7 +378,9 @@ def load_reference(
 
     Args:
         checkpoint: Published ``checkpoint.pth`` or one of our training checkpoints.
-        llama_dir: Meta LLaMA folder: ``params.json``, ``tokenizer.model``, optional ``consolidated.*.pth``.
+        llama_dir: Meta LLaMA folder: ``params.json``, optional ``consolidated.*.pth``, ``tokenizer.model``
+            there or one level up; or the folder holding exactly one such model folder
+            (see :func:`resolve_llama_dir`).
         mert_dir: MERT folder: ``config.json``, optional ``preprocessor_config.json`` and weights.
         dtype: Precision of the LLaMA part (MERT and the adapter always run in float32).
         trust_pickle: Allow arbitrary unpickling (only for files from a trusted source).

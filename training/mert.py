@@ -8,6 +8,7 @@ conv_bias=False, feat_proj_layer_norm=True)``, so we map the config and never ru
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,40 @@ from transformers import HubertConfig, HubertModel
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.errors import CheckpointError, ConfigError
 
-# Fields only MERT's own code knows; each must hold the value under which MERT == HubertModel.
-_MERT_ONLY_FIELDS = {
+log = logging.getLogger(__name__)
+
+# ---- the fields of a MERT-v1 config.json -----------------------------------------------------------------
+# The published MERT-v1-330M config.json is MERT's own MERTConfig (model_type "mert_model", auto_map to its
+# remote code): HubertConfig's fields plus MERT's and a few left over from fairseq. Every field is sorted into
+# one class below, and the class decides what the loader does with it.
+
+#: MERT-only fields that change the computation: each must hold the value under which MERT == HubertModel.
+_MERT_MATH_FIELDS = {
     "feature_extractor_cqt": False,
     "deepnorm": False,
 }
-# Fields of MERT's config that HubertConfig does not take and that change nothing when ignored.
-_MERT_IGNORED_FIELDS = {
-    "feature_extractor_cqt_bins", "attention_relax", "sample_rate", "auto_map", "architectures",
-    "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "tokenizer_class",
-}
-# What the spec's MERT is; a config that says otherwise is not the model this SDK runs.
+#: HubertConfig fields whose other value is another model than the spec's (False = post-LN encoder).
 _REQUIRED_HUBERT = {"do_stable_layer_norm": True}
+#: MERT-only fields that change nothing while CQT and deepnorm are off: ``attention_relax`` is read only by
+#: MERT's deepnorm encoder (and is a softmax shift that cancels out anyway; MERT-v1-330M says 32.0),
+#: ``feature_extractor_cqt_bins`` sizes the CQT branch. ``sample_rate`` is checked against 24 kHz on its own.
+_MERT_INERT_FIELDS = {"attention_relax", "feature_extractor_cqt_bins", "sample_rate"}
+#: Training-only switches HubertConfig does not know (fairseq's masking options, the old checkpointing flag,
+#: BERT's dropout name). The ones HubertConfig knows (dropouts, layerdrop, mask_time_*, ...) are passed on:
+#: they act only in train mode, and MERT here only runs frozen in eval mode without SpecAugment (but
+#: ``mask_time_prob > 0`` gives HubertModel its ``masked_spec_embed`` parameter, which checkpoints carry).
+_TRAINING_ONLY_FIELDS = {
+    "gradient_checkpointing", "hidden_dropout_prob", "feat_extract_dropout", "layerdrop",
+    "mask_channel_length", "mask_channel_min_space", "mask_channel_other", "mask_channel_prob",
+    "mask_channel_selection", "mask_time_min_space", "mask_time_other", "mask_time_selection",
+    "mask_time_length", "mask_time_min_masks", "mask_time_prob", "mask_feature_length",
+    "mask_feature_min_masks", "mask_feature_prob", "apply_spec_augment",
+}
+#: About the file, not the model; never passed to HubertConfig.
+_METADATA_FIELDS = {
+    "model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
+    "_name_or_path", "_commit_hash", "tokenizer_class",
+}
 
 # transformers >= 4.45 registers the positional-conv weight norm as a parametrization; 2023 files
 # (and the published MU-LLaMA checkpoint) name its two halves weight_g / weight_v.
@@ -39,7 +62,8 @@ _WEIGHT_NORM_OLD_TO_NEW = {
 }
 
 
-#: ``preprocessor_config.json`` of a MERT-v1 folder: raw 24 kHz waveform in, no normalisation.
+#: ``preprocessor_config.json`` of MERT-v1-330M, field for field (the published file's Wav2Vec2FeatureExtractor
+#: settings): raw 24 kHz mono waveform in, no normalisation.
 MERT_PREPROCESSOR = {
     "do_normalize": False,
     "feature_extractor_type": "Wav2Vec2FeatureExtractor",
@@ -61,44 +85,81 @@ def mert_folder_config(
     num_conv_pos_embeddings: int,
     num_conv_pos_embedding_groups: int,
 ) -> dict[str, Any]:
-    """A MERT-v1 style ``config.json`` (HuBERT fields plus MERT's own, CQT and deepnorm off) at any widths.
+    """MERT-v1-330M's ``config.json``, field for field, at any widths.
 
-    The conv feature encoder keeps MERT's kernels and strides (75 frames per second at 24 kHz); only its
-    channel count, the transformer widths and the positional convolution vary.
+    The field list is the published file's (``m-a-p/MERT-v1-330M/config.json``, 93 lines: MERTConfig's
+    fields, MERT's own ``attention_relax`` 32.0, ``deepnorm``/``feature_extractor_cqt`` off, fairseq's
+    ``mask_channel_*``/``mask_time_*`` leftovers, the training-only switches). Values other than the widths
+    are the published ones where this code's authors read them (up to ``mask_channel_selection``); the rest
+    are MERTConfig's defaults, and ``transformers_version`` is only a plausible one. The conv feature encoder
+    keeps MERT's kernels and strides (75 frames per second at 24 kHz); only its channel count, the transformer
+    widths and the positional convolution vary.
     """
     return {
-        "model_type": "mert_model",
+        "_name_or_path": "m-a-p/MERT-v1-330M",
+        "activation_dropout": 0.0,
+        "apply_spec_augment": True,
         "architectures": ["MERTModel"],
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "intermediate_size": intermediate_size,
+        "attention_dropout": 0.0,
+        "attention_relax": 32.0,
+        "auto_map": {
+            "AutoConfig": "configuration_MERT.MERTConfig",
+            "AutoModel": "modeling_MERT.MERTModel",
+        },
+        "bos_token_id": 1,
+        "classifier_proj_size": 256,
+        "conv_bias": False,
         "conv_dim": [conv_dim] * 7,
         "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
         "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-        "conv_bias": False,
-        "num_feat_extract_layers": 7,
-        "feat_extract_norm": "group",
-        "feat_extract_activation": "gelu",
+        "ctc_loss_reduction": "sum",
+        "ctc_zero_infinity": False,
+        "deepnorm": False,
         "do_stable_layer_norm": True,
-        "feat_proj_layer_norm": True,
-        "num_conv_pos_embeddings": num_conv_pos_embeddings,
-        "num_conv_pos_embedding_groups": num_conv_pos_embedding_groups,
-        "layer_norm_eps": 1e-5,
-        "hidden_act": "gelu",
-        "hidden_dropout": 0.0,
-        "activation_dropout": 0.0,
-        "attention_dropout": 0.0,
+        "eos_token_id": 2,
+        "feat_extract_activation": "gelu",
+        "feat_extract_dropout": 0.0,
+        "feat_extract_norm": "group",
         "feat_proj_dropout": 0.0,
-        "final_dropout": 0.0,
-        "layerdrop": 0.0,
-        "mask_time_prob": 0.05,
-        "initializer_range": 0.02,
+        "feat_proj_layer_norm": True,
         "feature_extractor_cqt": False,
         "feature_extractor_cqt_bins": 336,
-        "deepnorm": False,
-        "attention_relax": -1.0,
+        "final_dropout": 0.0,
+        "gradient_checkpointing": False,
+        "hidden_act": "gelu",
+        "hidden_dropout": 0.0,
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "layer_norm_eps": 1e-5,
+        "layerdrop": 0.0,
+        "mask_channel_length": 10,
+        "mask_channel_min_space": 1,
+        "mask_channel_other": 0.0,
+        "mask_channel_prob": 0.0,
+        "mask_channel_selection": "static",
+        "mask_feature_length": 10,
+        "mask_feature_min_masks": 0,
+        "mask_feature_prob": 0.0,
+        "mask_time_length": 10,
+        "mask_time_min_masks": 2,
+        "mask_time_min_space": 1,
+        "mask_time_other": 0.0,
+        "mask_time_prob": 0.05,
+        "mask_time_selection": "static",
+        "model_type": "mert_model",
+        "num_attention_heads": num_attention_heads,
+        "num_conv_pos_embedding_groups": num_conv_pos_embedding_groups,
+        "num_conv_pos_embeddings": num_conv_pos_embeddings,
+        "num_feat_extract_layers": 7,
+        "num_hidden_layers": num_hidden_layers,
+        "pad_token_id": 0,
         "sample_rate": SAMPLE_RATE_HZ,
+        "tokenizer_class": "Wav2Vec2CTCTokenizer",
+        "torch_dtype": "float32",
+        "transformers_version": "4.24.0",
+        "use_weighted_layer_sum": False,
+        "vocab_size": 32,
     }
 
 
@@ -117,61 +178,115 @@ def write_mert_folder(folder: Path, config: dict[str, Any], state_dict: dict[str
     torch.save(sd, folder / "pytorch_model.bin")
 
 
-def hubert_config_from_mert(raw: dict[str, Any], *, source: str = "MERT config") -> HubertConfig:
-    """Map a MERT-style ``config.json`` dict onto an equivalent ``HubertConfig``.
+def check_mert_config(raw: Any, *, source: str = "MERT config", log_level: int = logging.DEBUG) -> dict[str, Any]:
+    """Check a MERT-style ``config.json`` dict and return the ``HubertConfig`` arguments it amounts to.
+
+    Refused are only fields that change the computation: the CQT branch or deepnorm on, the post-LN
+    layout (``do_stable_layer_norm`` false), a sample rate other than 24 kHz. Training-only switches and
+    metadata are accepted; fields this loader does not know are logged (one line at ``log_level``) and
+    left out.
 
     Raises:
-        ConfigError: CQT branch or deepnorm enabled, attention relaxation on, a sample rate other than
-            24 kHz, or a layout the spec's MERT does not have.
+        ConfigError: naming ``source`` and the field.
     """
-    for key, allowed in _MERT_ONLY_FIELDS.items():
-        if bool(raw.get(key, allowed)) != allowed:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    for key, allowed in _MERT_MATH_FIELDS.items():
+        if key in raw and bool(raw[key]) != allowed:
             raise ConfigError(
                 f"{source}: {key}={raw[key]!r} is not supported; only MERT with {key}={allowed} "
                 "(as MERT-v1-330M) equals transformers' HubertModel"
             )
-    relax = raw.get("attention_relax", -1.0)
-    if relax is not None and float(relax) > 0:
-        raise ConfigError(f"{source}: attention_relax={relax} is not supported (must be <= 0, i.e. off)")
-    sr = raw.get("sample_rate", SAMPLE_RATE_HZ)
-    if int(sr) != SAMPLE_RATE_HZ:
-        raise ConfigError(f"{source}: sample_rate={sr}; MU-LLaMA's MERT runs at {SAMPLE_RATE_HZ} Hz")
     for key, want in _REQUIRED_HUBERT.items():
         if raw.get(key) != want:
             raise ConfigError(f"{source}: {key}={raw.get(key)!r}, expected {want!r} for a MERT-v1 model")
+    sr = raw.get("sample_rate", SAMPLE_RATE_HZ)
+    try:
+        sr_ok = int(sr) == SAMPLE_RATE_HZ
+    except (TypeError, ValueError):
+        sr_ok = False
+    if not sr_ok:
+        raise ConfigError(f"{source}: sample_rate={sr!r}; MU-LLaMA's MERT runs at {SAMPLE_RATE_HZ} Hz")
     known = set(HubertConfig().to_dict())
-    kwargs = {k: v for k, v in raw.items() if k in known and k not in _MERT_IGNORED_FIELDS}
-    unknown = sorted(set(raw) - known - _MERT_IGNORED_FIELDS - set(_MERT_ONLY_FIELDS))
+    skipped = _METADATA_FIELDS | _MERT_INERT_FIELDS | set(_MERT_MATH_FIELDS)
+    unknown = sorted(set(raw) - known - skipped - _TRAINING_ONLY_FIELDS)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown}; refusing to guess what they change")
-    cfg = HubertConfig(**kwargs)
+        log.log(log_level, "%s: ignoring field(s) this loader does not know: %s", source, ", ".join(unknown))
+    return {k: v for k, v in raw.items() if k in known and k not in skipped}
+
+
+def hubert_config_from_mert(raw: dict[str, Any], *, source: str = "MERT config") -> HubertConfig:
+    """Map a MERT-style ``config.json`` dict onto an equivalent ``HubertConfig``.
+
+    Raises:
+        ConfigError: see :func:`check_mert_config`.
+    """
+    cfg = HubertConfig(**check_mert_config(raw, source=source))
     # Eager attention: the plain math, identical on every device and exportable to ONNX as is.
     cfg._attn_implementation = "eager"
     return cfg
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+
+
+def check_mert_preprocessor(raw: Any, *, source: str) -> None:
+    """Refuse a ``preprocessor_config.json`` whose feature extraction is not MERT-v1's raw 24 kHz waveform.
+
+    Checked: ``feature_extractor_type`` (Wav2Vec2FeatureExtractor), ``sampling_rate`` (24000),
+    ``do_normalize`` (false; Wav2Vec2FeatureExtractor normalises when the field is absent) and
+    ``feature_size`` (1). Padding settings do not matter for one clip at a time.
+
+    Raises:
+        ConfigError: naming ``source`` and the field.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    kind = raw.get("feature_extractor_type", MERT_PREPROCESSOR["feature_extractor_type"])
+    if kind != MERT_PREPROCESSOR["feature_extractor_type"]:
+        raise ConfigError(
+            f"{source}: feature_extractor_type={kind!r}; MERT-v1 takes the raw waveform "
+            f"({MERT_PREPROCESSOR['feature_extractor_type']})"
+        )
+    sr = raw.get("sampling_rate", SAMPLE_RATE_HZ)
+    if isinstance(sr, bool) or not isinstance(sr, int | float) or sr != SAMPLE_RATE_HZ:
+        raise ConfigError(f"{source}: sampling_rate={sr!r}; MU-LLaMA's MERT runs at {SAMPLE_RATE_HZ} Hz")
+    if "do_normalize" not in raw or raw["do_normalize"] is not False:
+        shown = f"={raw['do_normalize']!r}" if "do_normalize" in raw else " is missing (then it defaults to true)"
+        raise ConfigError(
+            f"{source}: do_normalize{shown}; MERT-v1 takes the waveform unnormalised (do_normalize false), "
+            "as the runtime feeds it"
+        )
+    size = raw.get("feature_size", 1)
+    if size != 1 or isinstance(size, bool):
+        raise ConfigError(f"{source}: feature_size={size!r}; MERT-v1 takes one raw sample per step (1)")
+
+
 def read_mert_folder(mert_dir: Path) -> tuple[dict[str, Any], bool]:
-    """Return (raw config.json dict, do_normalize of preprocessor_config.json) of a MERT folder."""
+    """Return (raw ``config.json`` dict, ``do_normalize``) of a MERT folder, both checked.
+
+    ``preprocessor_config.json`` is optional; when present it must describe MERT-v1's feature extraction
+    (:func:`check_mert_preprocessor`), so ``do_normalize`` is always false. Fields of ``config.json`` this
+    loader does not know are logged at INFO level.
+
+    Raises:
+        ConfigError: a missing or unreadable ``config.json``, or a field that changes the model (named
+            together with its file).
+    """
     mert_dir = Path(mert_dir)
     cfg_path = mert_dir / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"MERT folder {mert_dir} has no config.json") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {cfg_path}: {e}") from e
-    do_normalize = False
+    if not cfg_path.is_file():
+        raise ConfigError(f"MERT folder {mert_dir} has no config.json")
+    raw = _read_json(cfg_path)
+    check_mert_config(raw, source=str(cfg_path), log_level=logging.INFO)
     pre = mert_dir / "preprocessor_config.json"
     if pre.exists():
-        try:
-            pre_raw = json.loads(pre.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {pre}: {e}") from e
-        do_normalize = bool(pre_raw.get("do_normalize", False))
-        sr = int(pre_raw.get("sampling_rate", SAMPLE_RATE_HZ))
-        if sr != SAMPLE_RATE_HZ:
-            raise ConfigError(f"{pre}: sampling_rate={sr}; MU-LLaMA's MERT runs at {SAMPLE_RATE_HZ} Hz")
-    return raw, do_normalize
+        check_mert_preprocessor(_read_json(pre), source=str(pre))
+    return raw, False
 
 
 def to_hubert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

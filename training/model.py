@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mullama_sdk.audio import load_audio, window_bounds
-from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS, SAMPLE_RATE_HZ
+from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.sampling import Sampler
 from training.adapter import MusicAdapter
 from training.config import MullamaConfig
@@ -58,7 +58,7 @@ class MullamaModel(nn.Module):
         bounds = window_bounds(
             len(waveform),
             max_window_samples=int(max_window_seconds * SAMPLE_RATE_HZ),
-            min_window_samples=int(MIN_WINDOW_SECONDS * SAMPLE_RATE_HZ),
+            min_window_samples=MIN_WINDOW_SAMPLES,
         )
         dtype = next(self.mert.parameters()).dtype
         total, n_frames = None, 0

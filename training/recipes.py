@@ -53,6 +53,7 @@ from training.loading import (
     ModelSources,
     build_model,
     open_sources,
+    resolve_llama_dir,
     save_checkpoint,
     torch_load,
 )
@@ -177,8 +178,9 @@ def fresh_pretrain_checkpoint(cfg: RecipeConfig) -> Checkpoint:
     from training.checkpoint_layout import adapter_key_to_published
 
     m = cfg.model
-    tokenizer = Tokenizer(Path(m.llama_dir) / "tokenizer.model")
-    params = LlamaParams.from_params_json(Path(m.llama_dir) / "params.json", vocab_size=tokenizer.n_vocab)
+    folder = resolve_llama_dir(Path(m.llama_dir))
+    tokenizer = Tokenizer(folder.tokenizer)
+    params = LlamaParams.from_params_json(folder.params, vocab_size=tokenizer.n_vocab)
     mert_raw, do_normalize = read_mert_folder(Path(m.mert_dir))
     dims = AdapterDims(n_states=int(mert_raw["num_hidden_layers"]) + 1, mert_dim=int(mert_raw["hidden_size"]),
                        dim=params.dim, n_blocks=m.adapter_blocks, block_hidden=m.adapter_hidden or 4 * params.dim)

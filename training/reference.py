@@ -25,7 +25,9 @@ _DTYPES = ("float32", "bfloat16")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="MU-LLaMA checkpoint.pth or our checkpoint")
-    p.add_argument("--llama-dir", required=True, type=Path, help="Meta LLaMA folder (params.json, tokenizer.model)")
+    p.add_argument("--llama-dir", required=True, type=Path,
+                   help="Meta LLaMA model folder (params.json, consolidated.*.pth; tokenizer.model there or "
+                        "one level up), or the folder holding it")
     p.add_argument("--mert-dir", required=True, type=Path, help="MERT folder (config.json, ...)")
     p.add_argument("--audio", required=True, nargs="+", type=Path, help="audio file(s) to caption")
     p.add_argument("--question", default=DEFAULT_QUESTION, help=f"instruction (default: {DEFAULT_QUESTION!r})")

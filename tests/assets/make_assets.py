@@ -7,10 +7,15 @@ synthesised. Two layouts:
 * :func:`build_shape_assets` - real widths (LLaMA-2-7B, MERT-v1-330M) with a configurable LLaMA layer
   count, for benchmarks.
 
-Both write (spec sections 2-3):
+Both write (spec sections 2-3), with the published files' field lists and key sets (only widths shrink):
 
-* ``llama/`` - Meta's original folder: ``params.json``, ``consolidated.00.pth`` (bf16), ``tokenizer.model``;
-* ``mert/`` - a MERT-v1 folder: ``config.json``, ``preprocessor_config.json``, ``pytorch_model.bin``;
+* ``llama/`` - Meta's original format: ``params.json`` (``vocab_size: -1``, as LLaMA-2's), ``consolidated.00.pth``
+  (bf16), ``checklist.chk`` and ``tokenizer.model``. Tiny assets use the published download layout:
+  ``llama/tokenizer.model`` + ``llama/tokenizer_checklist.chk`` one level above the model folder ``llama/7B/``
+  (MU-LLaMA's ``LLaMA/7B/``; Meta's LLaMA-2 download names it ``llama-2-7b/``). Real-width assets keep the
+  flat folder (tokenizer next to the weights), which benchmarks read;
+* ``mert/`` - MERT-v1-330M's folder: ``config.json`` (every field of the published one, e.g.
+  ``attention_relax: 32.0``), ``preprocessor_config.json``, ``pytorch_model.bin``;
 * ``checkpoint.pth`` - the published MU-LLaMA checkpoint layout (full state dict);
 * ``checkpoint_deltas.pth`` - the same envelope holding only the trained parts.
 
@@ -47,7 +52,7 @@ from sentencepiece import sentencepiece_model_pb2
 from transformers import HubertConfig, HubertModel
 
 from mullama_sdk.prompt import CAPTION_QUESTIONS, PROMPT_TEMPLATE
-from training.mert import MERT_PREPROCESSOR, mert_folder_config
+from training.mert import MERT_PREPROCESSOR, check_mert_config, mert_folder_config
 from training.tokenizer import train_llama_tokenizer
 
 __all__ = [
@@ -172,12 +177,15 @@ class TinyAssets:
 
     Attributes:
         root: The output folder.
-        llama_dir: Meta LLaMA folder (``params.json``, ``consolidated.00.pth``, ``tokenizer.model``).
+        llama_dir: The LLaMA model folder ``llama/7B/`` (``params.json``, ``consolidated.00.pth``,
+            ``checklist.chk``); its ``tokenizer.model`` is one level up (:attr:`tokenizer`).
         mert_dir: MERT folder (``config.json``, ``preprocessor_config.json``, ``pytorch_model.bin``).
         checkpoint: Full MU-LLaMA checkpoint (published layout).
         checkpoint_deltas: Checkpoint holding only the trained parts.
         audio: Test audio by file name (see :func:`write_test_audio`).
         dims: The widths used.
+        llama_root: The download folder ``llama/``: ``tokenizer.model``, ``tokenizer_checklist.chk``, ``7B/``.
+        tokenizer: ``llama/tokenizer.model``.
     """
 
     root: Path
@@ -187,6 +195,8 @@ class TinyAssets:
     checkpoint_deltas: Path
     audio: Mapping[str, Path]
     dims: AssetDims
+    llama_root: Path
+    tokenizer: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +236,7 @@ def build_tiny_assets(out: Path, seed: int = 0) -> TinyAssets:
     out = Path(out)
     tokenizer = _train_tokenizer(_TINY_VOCAB_SIZE)
     dims = dataclasses.replace(_TINY_DIMS, vocab_size=_piece_count(tokenizer))
-    paths = _write_model_files(out, dims, tokenizer, seed, llama_only=False)
+    paths = _write_model_files(out, dims, tokenizer, seed, llama_only=False, model_folder=TINY_MODEL_FOLDER)
     return TinyAssets(
         root=out,
         llama_dir=paths.llama_dir,
@@ -235,6 +245,8 @@ def build_tiny_assets(out: Path, seed: int = 0) -> TinyAssets:
         checkpoint_deltas=paths.checkpoint_deltas,
         audio=write_test_audio(out / "audio"),
         dims=dims,
+        llama_root=out / "llama",
+        tokenizer=out / "llama" / "tokenizer.model",
     )
 
 
@@ -263,21 +275,37 @@ def build_shape_assets(
     return _write_model_files(out, dims, tokenizer, seed, llama_only=llama_only)
 
 
+#: The model folder of the tiny assets' Meta layout: MU-LLaMA's ``LLaMA/7B/`` (tokenizer one level up).
+TINY_MODEL_FOLDER = "7B"
+
+
 def _write_model_files(
-    out: Path, dims: AssetDims, tokenizer: bytes, seed: int, *, llama_only: bool
+    out: Path,
+    dims: AssetDims,
+    tokenizer: bytes,
+    seed: int,
+    *,
+    llama_only: bool,
+    model_folder: str | None = None,
 ) -> ShapeAssets:
-    """Write ``llama/`` and, unless ``llama_only``, ``mert/`` and both checkpoints."""
-    llama_dir = out / "llama"
+    """Write ``llama/`` and, unless ``llama_only``, ``mert/`` and both checkpoints.
+
+    ``model_folder`` given: Meta's download layout, ``llama/tokenizer.model`` above ``llama/<model_folder>/``;
+    ``None``: one flat ``llama/`` folder.
+    """
+    root = out / "llama"
+    llama_dir = root / model_folder if model_folder else root
     llama_dir.mkdir(parents=True, exist_ok=True)
-    (llama_dir / "tokenizer.model").write_bytes(tokenizer)
-    # Meta's params.json key order and one-line layout. Real LLaMA-2 files say vocab_size -1; we state it.
+    (root / "tokenizer.model").write_bytes(tokenizer)
+    # Meta's llama-2-7b/params.json: these keys, this order, one line; LLaMA-2 says vocab_size -1 (the
+    # tokenizer's size).
     params = {
         "dim": dims.dim,
         "multiple_of": dims.multiple_of,
         "n_heads": dims.n_heads,
         "n_layers": dims.n_layers,
         "norm_eps": dims.norm_eps,
-        "vocab_size": dims.vocab_size,
+        "vocab_size": -1,
     }
     (llama_dir / "params.json").write_text(json.dumps(params))
     _save_streamed(
@@ -285,6 +313,13 @@ def _write_model_files(
         {spec.key: spec for spec in _llama_base_specs(dims, torch.bfloat16)},
         seed,
     )
+    # Meta's download checks files with `md5sum -c`: checklist.chk beside the weights, tokenizer_checklist.chk
+    # beside tokenizer.model (written only in the download layout, where the tokenizer has its own folder).
+    _write_checklist(
+        llama_dir / "checklist.chk", [llama_dir / "consolidated.00.pth", llama_dir / "params.json"]
+    )
+    if model_folder:
+        _write_checklist(root / "tokenizer_checklist.chk", [root / "tokenizer.model"])
     if llama_only:
         return ShapeAssets(
             root=out, llama_dir=llama_dir, mert_dir=None, checkpoint=None, checkpoint_deltas=None, dims=dims
@@ -315,6 +350,18 @@ def _write_model_files(
         checkpoint_deltas=checkpoint_deltas,
         dims=dims,
     )
+
+
+def _write_checklist(path: Path, files: Sequence[Path]) -> None:
+    """An ``md5sum`` listing (``<md5>  <name>`` per line) of ``files``, as Meta's ``*checklist.chk``."""
+    lines = []
+    for f in files:
+        md5 = hashlib.md5()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                md5.update(block)
+        lines.append(f"{md5.hexdigest()}  {f.name}\n")
+    path.write_text("".join(lines))
 
 
 # ------------------------------------------------------------------------------------------- tensor specs
@@ -450,24 +497,14 @@ def _checkpoint_args() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------- MERT
-#: Fields only MERT's own config class has; HubertConfig must not receive them.
-_MERT_ONLY_FIELDS = (
-    "model_type",
-    "architectures",
-    "feature_extractor_cqt",
-    "feature_extractor_cqt_bins",
-    "deepnorm",
-    "attention_relax",
-    "sample_rate",
-)
-
 def mert_330m_config(mert_layers: int = 24) -> dict[str, object]:
     """MERT-v1-330M's ``config.json`` (real widths, random weights are the caller's business)."""
     return _mert_config(_real_dims(1, mert_layers))
 
 
 def _mert_config(d: AssetDims) -> dict[str, object]:
-    """A MERT-v1 style ``config.json`` at the widths of ``d``."""
+    """MERT-v1-330M's ``config.json`` (every published field, see :func:`training.mert.mert_folder_config`) at
+    the widths of ``d``."""
     return mert_folder_config(
         hidden_size=d.mert_hidden_size,
         num_hidden_layers=d.mert_num_hidden_layers,
@@ -485,7 +522,8 @@ def _mert_state_dict(config: Mapping[str, object], seed: int) -> dict[str, torch
     Newer transformers name the weight-normed positional conv ``...conv.parametrizations.weight.original0/1``;
     released MERT files (and the MU-LLaMA checkpoint) say ``...conv.weight_g/weight_v``, so we rename.
     """
-    hubert = HubertConfig(**{k: v for k, v in config.items() if k not in _MERT_ONLY_FIELDS})
+    # The HubertConfig the loader maps this config.json to (MERT-only fields and metadata left out).
+    hubert = HubertConfig(**check_mert_config(dict(config)))
     # fork_rng: seed the global RNG that HubertModel's init draws from without disturbing the caller's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
