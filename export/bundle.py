@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -181,7 +180,7 @@ def _export(checkpoint, llama_dir, mert_dir, out: Path, options: BundleOptions, 
     emergency = None
     try:
         with safety.deferred_signals():  # no interruption between creating the folder and registering it
-            tmp = _make_partial(out, parent)
+            tmp = safety.make_partial(out, parent)
             emergency = safety.register_emergency(lambda: shutil.rmtree(tmp, ignore_errors=True))
         isolate = options.isolate_music_export
         if isolate is None:
@@ -259,15 +258,9 @@ def _export(checkpoint, llama_dir, mert_dir, out: Path, options: BundleOptions, 
         parse_manifest(manifest_raw, where="new manifest")
         with safety.writing(tmp / MANIFEST_NAME, tmp):
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest_raw, indent=2, ensure_ascii=False) + "\n")
-        # mkdtemp made the folder private (0700); a bundle is meant to be shared and read by others.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
         # Again, now: the folder may have changed during the export (a file added, another bundle written).
         _check_out(out, options.overwrite, [checkpoint, llama_dir, mert_dir, *audio])
-        with safety.deferred_signals():
-            safety.swap_into_place(tmp, out)
-            (out / safety.OWNER_FILE).unlink(missing_ok=True)
+        safety.publish(tmp, out)
         size = sum(entry["size"] for entry in manifest_raw["files"].values())
         say(f"bundle written: {out} ({safety.human_bytes(size)}, {seconds_text(time.perf_counter() - t_start)})")
         return out
@@ -283,23 +276,6 @@ def _export(checkpoint, llama_dir, mert_dir, out: Path, options: BundleOptions, 
     finally:
         if emergency is not None:
             safety.unregister_emergency(emergency)
-
-
-def _make_partial(out: Path, parent: Path) -> Path:
-    """The temporary folder ``.<name>.partial-<random>`` beside ``out``, marked with its owner."""
-    from export import safety
-
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{safety.PARTIAL_TAG}", dir=parent))
-        safety.write_owner(tmp, out)
-        return tmp
-    except OSError as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if safety.is_disk_full(e, parent):
-            raise safety.disk_full_error(parent / f".{out.name}{safety.PARTIAL_TAG}*", parent) from e
-        raise BundleError(f"cannot write the bundle in {parent}: {e.strerror or e}") from e
 
 
 @dataclasses.dataclass(frozen=True)

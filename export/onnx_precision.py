@@ -61,6 +61,7 @@ __all__ = [
     "encoder_reference",
     "int8_weight_limit",
     "quantize_int8",
+    "run_graph",
 ]
 
 #: Op types quantized by :func:`quantize_int8` (constant-weight MatMuls only).
@@ -420,16 +421,25 @@ def compare_onnx(
     feeds: Iterable[Mapping[str, np.ndarray]],
     *,
     threads: int | None = None,
+    reference: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> ErrorReport:
-    """Compare two ONNX graphs with the same interface (e.g. int8 against float32) on the same feeds."""
-    ref_sess, sess = _session(reference_path, threads), _session(onnx_path, threads)
-    refs, outs = [], []
-    for feed in feeds:
-        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
-        refs.append(_run(ref_sess, feed))
-        outs.append(_run(sess, feed))
+    """Compare two ONNX graphs with the same interface (e.g. int8 against float32) on the same feeds.
+
+    ``reference``: :func:`run_graph` of ``reference_path`` on these feeds, computed earlier (its outputs are
+    then not computed again).
+    """
+    feeds = list(feeds)
+    refs = list(reference) if reference is not None else run_graph(reference_path, feeds, threads=threads)
+    outs = run_graph(onnx_path, feeds, threads=threads)
     graph, _ = read_metadata(onnx_path)
     return _report(graph or Path(onnx_path).stem, Path(onnx_path).name, Path(reference_path).name, refs, outs)
+
+
+def run_graph(path: str | os.PathLike[str], feeds: Iterable[Mapping[str, np.ndarray]], *,
+              threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Every output of an ONNX graph for each feed, on ONNX Runtime's CPU provider with the runtime's settings."""
+    sess = _session(path, threads)
+    return [_run(sess, {k: np.ascontiguousarray(v) for k, v in feed.items()}) for feed in feeds]
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -9,7 +9,7 @@ fp32. ``mullama-export requantize BUNDLE`` fixes such a bundle in place:
 3. each new int8 graph is compared with the bundle's fp32 graph on the synthetic check clips (the rows
    ``encoder/int8`` and ``adapter/int8``, same tolerances as an export, plus the weight range);
 4. the manifest records the scheme, the new files' hashes and rows, and a note; then the folder replaces
-   the old bundle in one exchange (:func:`export.safety.swap_into_place`). A failure anywhere leaves the
+   the old bundle in one exchange (:func:`export.safety.publish`). A failure anywhere leaves the
    old bundle as it was.
 """
 
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,8 +90,8 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         BundleError: not a bundle, no fp32 or no int8 graphs to replace, a damaged fp32 graph, a failed
             comparison (with ``strict``), or the folder cannot be written.
     """
-    from export.onnx_precision import compare_onnx, quantize_int8
-    from export.safety import OWNER_FILE, swap_into_place, write_owner
+    from export.onnx_precision import compare_onnx, quantize_int8, run_graph
+    from export.safety import make_partial, publish
     from export.verify import check_windows, onnx_row
 
     say = progress or (lambda msg: log.info("%s", msg))
@@ -113,16 +112,12 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         return RequantizeResult(bundle, old_scheme, INT8_SCHEME, False, seconds=time.perf_counter() - t0)
     say("check: fp32 graphs against their sha256")
     sources = [manifest.encoder["fp32"], manifest.adapter["fp32"]]
-    check_files(bundle, manifest, [n for n in manifest.files if n in sources or n in {f"{s}.data" for s in sources}],
-                sha256=True)
+    check_files(bundle, manifest, [n for n in manifest.files if n.removesuffix(".data") in sources], sha256=True)
 
     replaced = _int8_files(manifest)
+    # Marked with its owner: a killed run's folder is recognised and swept by the next export.
+    stage = make_partial(bundle, bundle.parent)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.partial-", dir=bundle.parent))
-    except OSError as e:
-        raise BundleError(f"cannot write next to {bundle}: {e.strerror or e}") from e
-    try:
-        write_owner(stage, bundle)  # a killed run's folder is then recognised and swept by the next export
         shutil.copytree(bundle, stage, copy_function=_link_or_copy, dirs_exist_ok=True,
                         ignore=lambda _d, names: [n for n in names if n in replaced or n == MANIFEST_NAME])
         for graph in ("encoder", "adapter"):
@@ -134,9 +129,10 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         windows = check_windows(min_samples=manifest.min_window_samples)
         enc32, enc8 = stage / manifest.encoder["fp32"], stage / manifest.encoder["int8"]
         ad32, ad8 = stage / manifest.adapter["fp32"], stage / manifest.adapter["int8"]
-        enc_report = compare_onnx(enc32, enc8, [{"waveform": w[None]} for w in windows], threads=threads)
-        means = _fp32_state_means(enc32, windows, threads)
-        ad_report = compare_onnx(ad32, ad8, [{"state_means": h} for h in means], threads=threads)
+        feeds = [{"waveform": w[None]} for w in windows]
+        enc_ref = run_graph(enc32, feeds, threads=threads)  # also the adapter's inputs
+        enc_report = compare_onnx(enc32, enc8, feeds, threads=threads, reference=enc_ref)
+        ad_report = compare_onnx(ad32, ad8, [{"state_means": r["state_means"]} for r in enc_ref], threads=threads)
         checks = tuple(
             dataclasses.replace(row, note=f"{row.note} vs the bundle's fp32 graphs (re-quantized)")
             for row in (onnx_row("encoder", "int8", enc_report, enc8), onnx_row("adapter", "int8", ad_report, ad8))
@@ -161,24 +157,10 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
             f"{time.strftime('%Y-%m-%d', time.gmtime())}; their rows compare with the fp32 graphs")]
         parse_manifest(raw, where="re-quantized manifest")
         (stage / MANIFEST_NAME).write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
-        stage.chmod(0o755)
-        for f in stage.iterdir():
-            if f.is_file() and f.name in replaced | {MANIFEST_NAME}:
-                f.chmod(0o644)
-        (stage / OWNER_FILE).unlink(missing_ok=True)
-        swap_into_place(stage, bundle)
+        publish(stage, bundle)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     say(f"bundle re-quantized: {bundle} ({old_scheme} -> {INT8_SCHEME})")
     return RequantizeResult(bundle, old_scheme, INT8_SCHEME, True, checks, time.perf_counter() - t0)
 
-
-def _fp32_state_means(encoder: Path, windows, threads: int | None) -> list:
-    """The fp32 encoder's state means of each window: the adapter comparison's inputs."""
-    import onnxruntime as ort
-
-    from mullama_sdk.encoder import session_options
-
-    sess = ort.InferenceSession(str(encoder), session_options(threads), providers=["CPUExecutionProvider"])
-    return [sess.run(["state_means"], {"waveform": w[None]})[0] for w in windows]

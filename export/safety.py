@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -158,6 +159,39 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def make_partial(out: Path, parent: Path) -> Path:
+    """The temporary folder ``.<name>.partial-<random>`` beside ``out``, marked with its owner.
+
+    Raises:
+        BundleError: the folder cannot be made (:class:`DiskFullError` when the disk is full).
+    """
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_TAG}", dir=parent))
+        write_owner(tmp, out)
+        return tmp
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e, parent):
+            raise disk_full_error(parent / f".{out.name}{PARTIAL_TAG}*", parent) from e
+        raise BundleError(f"cannot write the bundle in {parent}: {e.strerror or e}") from e
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Make the finished folder ``tmp`` readable by others and swap it into place at ``out``.
+
+    mkdtemp made the folder private (0700); a bundle is meant to be shared and read by others. The swap
+    runs with signals deferred, and the owner mark is removed from the published bundle.
+    """
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    with deferred_signals():
+        swap_into_place(tmp, out)
+        (out / OWNER_FILE).unlink(missing_ok=True)
 
 
 def swap_into_place(new: Path, out: Path) -> None:

@@ -105,8 +105,8 @@ def check_windows(audio_files: Sequence[Path] = (), *, min_samples: int = MIN_WI
     return windows
 
 
-def onnx_row(graph: str, precision: str, report, path: Path | None = None) -> Check:
-    """One row; for an int8 ``path`` also the weight range that keeps every CPU's kernel exact."""
+def onnx_row(graph: str, precision: str, report, path: Path) -> Check:
+    """One row for the graph file ``path``; for int8 also its weight range, which keeps every CPU's kernel exact."""
     max_rel_tol, min_cos = ONNX_TOLERANCES[(graph, precision)]
     # The row's verdict rests on the graph's main output (the means / the injection vectors).
     main = report["state_means" if graph == "encoder" else "injection"]
@@ -124,7 +124,7 @@ def onnx_row(graph: str, precision: str, report, path: Path | None = None) -> Ch
         frames = report["n_frames"]
         ok &= frames.max_abs == 0
         parts.append("frames equal")
-    if precision == "int8" and path is not None:
+    if precision == "int8":
         from export.onnx_precision import int8_weight_limit
 
         ok &= int8_weight_limit(path) <= INT8_WEIGHT_LIMIT
