@@ -8,7 +8,7 @@
   int8 weights, symmetric, one scale per output channel, limited to [-64, 64]; uint8 activations
   quantized per call (scheme :data:`mullama_sdk.cpu.INT8_SCHEME`). The 7-bit weights are what makes the
   file right on every x86 CPU: AVX2-only kernels sum u8 x s8 pairs into a saturating int16, which full
-  8-bit weights overflow (adapter cosine 0.907 measured) and [-64, 64] cannot (255 * 64 * 2 = 32640);
+  8-bit weights overflow (adapter cosine 0.907 in issue #14's report) and [-64, 64] cannot (255 * 64 * 2 = 32640);
   with VNNI the sums are exact anyway, so both kernels compute the same numbers (``docs/int8.md`` has the
   measurements behind this choice against per-tensor and uint8 x uint8 weights).
   Per-channel matters for the folded injection matrix, whose output rows (one per ``d_l`` element,

@@ -6,7 +6,8 @@ kernel depends on the CPU (see ``docs/int8.md``):
 * AVX-512 VNNI or AVX-VNNI: ``vpdpbusd`` sums four u8 x s8 products straight into int32: exact.
 * AVX2 alone (Intel before Ice Lake, AMD Zen 2/3, many laptops): ``vpmaddubsw`` adds each adjacent pair of
   u8 x s8 products into a *saturating* int16, so ``|u0*w0 + u1*w1| > 32767`` is clipped. With 8-bit
-  weights that happens (255 * 127 * 2 = 64770); measured on an adapter: cosine to fp32 0.907 instead of 0.9998.
+  weights that happens (255 * 127 * 2 = 64770); adapter cosine to fp32 0.907 instead of 0.9998
+  (issue #14's report), 0.703 on the demo model's adapter (docs/int8.md).
 
 Graphs quantized with weights limited to [-64, 64] (:data:`INT8_SCHEME`, 255 * 64 * 2 = 32640) cannot
 saturate, so they give the same numbers on every kernel; graphs of older bundles (:data:`LEGACY_INT8_SCHEME`)
