@@ -13,7 +13,7 @@ CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 PIP_INSTALL := CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(CMAKE_BUILD_PARALLEL_LEVEL) $(PIP) install
 
 # Debian packages the tests need beyond what the Python wheels bundle (soundfile's wheel ships
-# libsndfile): libfluidsynth and the GM soundfont render the demo data set (examples/demo_data.py).
+# libsndfile): libfluidsynth and the GM soundfont render the demo data set (examples/demo_model/data.py).
 # Space-separated; only the missing ones are installed.
 SYSDEPS ?= fluidsynth fluid-soundfont-gm
 
@@ -26,7 +26,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo       install the runtime and caption the example clips with the demo model (examples/demo.py)"
 	@echo "make demo-eval  score the demo model on held-out pieces (renders the demo data first)"
-	@echo "make demo-model rebuild the demo model from scratch: data, training, export (examples/demo_train.py)"
+	@echo "make demo-model rebuild the demo model from scratch: data, training, export (examples/demo_model/train.py)"
 	@echo "make test       install everything for development, run ruff and the fast tests"
 	@echo "make test-slow  run only the tests marked slow"
 	@echo "make lint       ruff check;  make format: ruff format + import sorting"
@@ -97,12 +97,12 @@ demo: install-demo
 	$(PY) -m examples.demo
 
 demo-eval: install-demo-model
-	$(PY) -m examples.demo_eval
+	$(PY) -m examples.demo_model.evaluate
 
 # One command, < 20 minutes on 2 cores; writes examples/demo_bundle (bit-for-bit the committed one:
-# check with `$(PY) -m examples.demo_train --check`).
+# check with `$(PY) -m examples.demo_model.train --check`).
 demo-model: install-demo-model
-	$(PY) -m examples.demo_train
+	$(PY) -m examples.demo_model.train
 
 # BENCH_ARGS: e.g. "--quick" (shorter runs) or benchmark names ("bandwidth memory"); see bench/README.md.
 BENCH_ARGS ?=

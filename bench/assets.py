@@ -1,6 +1,6 @@
 """Benchmark model files, built once and cached: real-width random MU-LLaMA sources, bundles and GGUFs.
 
-Everything is built with the product's own code (``tests.assets.make_assets.build_shape_assets`` for the
+Everything is built with the product's own code (``testkit.make_assets.build_shape_assets`` for the
 sources, the exporter's ONNX export / precision conversion / GGUF writer / quantizer / manifest writer for
 bundles, :mod:`export.gguf_export` + :mod:`export.quantize` for plain LLaMA GGUFs) into ``~/.cache/mullama/bench/<key>/`` (``$MULLAMA_BENCH_CACHE`` overrides the
 root). Each entry is built in a temporary folder next to it and renamed when complete, under a file lock,
@@ -107,12 +107,12 @@ def _assets_key(n_layers: int, mert_layers: int, seed: int) -> str:
 
 
 def shape_assets(n_layers: int = 4, *, mert_layers: int = 24, seed: int = 0):
-    """Real-width random MU-LLaMA sources (see :func:`tests.assets.make_assets.build_shape_assets`).
+    """Real-width random MU-LLaMA sources (see :func:`testkit.make_assets.build_shape_assets`).
 
     Returns:
-        ``tests.assets.make_assets.ShapeAssets`` of the cached folder.
+        ``testkit.make_assets.ShapeAssets`` of the cached folder.
     """
-    from tests.assets.make_assets import ShapeAssets, _real_dims, build_shape_assets
+    from testkit.make_assets import ShapeAssets, _real_dims, build_shape_assets
 
     def build(tmp: Path) -> None:
         _say(f"building real-width sources: LLaMA 4096 x {n_layers} layers, MERT 1024 x {mert_layers} layers "
@@ -137,18 +137,18 @@ def shape_bundle(
 ) -> Path:
     """A bundle of :func:`shape_assets`, made with the exporter's functions one step per child process.
 
-    :func:`export.bundle.build_bundle` peaks at 12.8 GB on these sources (its automatic llama.cpp check holds
+    :func:`export.build.build_bundle` peaks at 12.8 GB on these sources (its automatic llama.cpp check holds
     the whole float32 torch model beside an f32 GGUF; before the music export moved to a child process it was
     15.7 GB), too much beside other jobs. Here the same functions run in separate processes - ONNX fp32 export
     (``export_encoder`` / ``export_adapter``), each ``quantize_int8`` / ``convert_fp16``, the GGUF
-    (``write_gguf`` + ``quantize_gguf``), the manifest (``export.bundle``'s own writer) - so the peak is
+    (``write_gguf`` + ``quantize_gguf``), the manifest (``export.build``'s own writer) - so the peak is
     the largest single step (``quantize_int8`` of the adapter, ~8.5 GB, once). The torch comparison is
     skipped (noted in the manifest). Finished steps survive an interruption and are not redone.
 
     Returns:
         The bundle folder (load with ``Captioner.from_pretrained``).
     """
-    from mullama_sdk.bundle import BUNDLE_FORMAT_VERSION
+    from mullama_sdk.manifest import BUNDLE_FORMAT_VERSION
 
     key = (f"bundle-llama{n_layers}-mert{mert_layers}-{'+'.join(quants)}-{'+'.join(encoder_precisions)}"
            f"-seed{seed}-f{BUNDLE_FORMAT_VERSION}-v{CACHE_VERSION}")
@@ -192,19 +192,19 @@ def _run_step(name: str, args: list[str]) -> None:
 
         (quantize_int8 if name == "int8" else convert_fp16)(Path(args[0]), Path(args[1]))
         return
-    from training.loading import open_sources
+    from training.reference.loading import open_sources
 
     checkpoint, llama_dir, mert_dir, out = (Path(a) for a in args[:4])
     src = open_sources(checkpoint, llama_dir, mert_dir)
     if name == "onnx-fp32":
         from export.onnx_export import export_adapter, export_encoder
-        from training.loading import build_music_model
+        from training.reference.loading import build_music_model
 
         music = build_music_model(src)
         export_encoder(music, out / "encoder.fp32.onnx")
         export_adapter(music, out / "adapter.fp32.onnx")
     elif name == "gguf":
-        from export.bundle import AUTO_VERIFY_LLM_MAX_PARAMS, _llama_params
+        from export.build import AUTO_VERIFY_LLM_MAX_PARAMS, _llama_params
         from export.gguf_export import write_gguf
         from export.quantize import quantize_gguf
 
@@ -222,8 +222,8 @@ def _run_step(name: str, args: list[str]) -> None:
     elif name == "manifest":
         import json
 
-        from export.bundle import _manifest
-        from mullama_sdk.bundle import MANIFEST_NAME, parse_manifest
+        from export.build import _manifest
+        from mullama_sdk.manifest import MANIFEST_NAME, parse_manifest
 
         quants, precisions = args[4].split(","), args[5].split(",")
         options = bundle_options(quants, precisions)
@@ -243,8 +243,8 @@ def _run_step(name: str, args: list[str]) -> None:
 
 
 def bundle_options(quants: Sequence[str], encoder_precisions: Sequence[str]):
-    """:class:`export.bundle.BundleOptions` of benchmark bundles (what their manifest records)."""
-    from export.bundle import BundleOptions
+    """:class:`export.build.BundleOptions` of benchmark bundles (what their manifest records)."""
+    from export.build import BundleOptions
 
     return BundleOptions(quants=tuple(quants), encoder_precisions=tuple(encoder_precisions), verify_llm=False)
 
@@ -279,9 +279,9 @@ def llama_gguf(n_layers: int, quant: str, *, seed: int = 0, threads: int | None 
 
 def _write_plain_f16(n_layers: int, seed: int, out: Path) -> None:
     from export.gguf_export import GgufSource, write_llama_gguf
-    from training.config import LlamaParams
-    from training.loading import torch_load
-    from training.tokenizer import Tokenizer
+    from training.reference.dims import LlamaParams
+    from training.reference.loading import torch_load
+    from training.reference.tokenizer import Tokenizer
 
     src = shape_assets(n_layers, seed=seed)
     tok = Tokenizer(src.llama_dir / "tokenizer.model")

@@ -47,11 +47,11 @@ from export.onnx_precision import quantize_int8  # noqa: E402
 from mullama_sdk.audio import load_audio  # noqa: E402
 from mullama_sdk.constants import SAMPLE_RATE_HZ  # noqa: E402
 from mullama_sdk.cpu import INT8_SCHEME, int8_kernel  # noqa: E402
-from mullama_sdk.encoder import session_options  # noqa: E402
-from tests.assets.make_assets import mert_330m_config  # noqa: E402
-from training.adapter import MusicAdapter  # noqa: E402
-from training.config import AdapterDims  # noqa: E402
-from training.mert import MertEncoder, hubert_config_from_mert  # noqa: E402
+from mullama_sdk.encoder_ort import session_options  # noqa: E402
+from testkit.make_assets import mert_330m_config  # noqa: E402
+from training.reference.adapter import MusicAdapter  # noqa: E402
+from training.reference.dims import AdapterDims  # noqa: E402
+from training.reference.mert import MertEncoder, hubert_config_from_mert  # noqa: E402
 
 #: ``ort-int8`` is the shipped scheme (weights within [-64, 64]); ``ort-int8-w8`` the legacy full-range one,
 #: measured beside it because its speed and fidelity depend on the CPU's int8 kernel (mullama_sdk.cpu).
@@ -61,7 +61,7 @@ TARGET_COS = 0.99
 
 
 def _waveform(seconds: float, tmp: Path) -> np.ndarray:
-    from tests.assets.make_assets import write_test_audio
+    from testkit.make_assets import write_test_audio
 
     clip = load_audio(write_test_audio(tmp / "audio")["music_24k_mono_10s.wav"])
     n = round(seconds * SAMPLE_RATE_HZ)

@@ -5,7 +5,7 @@ Launch:  .venv/bin/python -m bench.bench_end_to_end [--layers 6 --rounds 3 --len
 Model: random weights at real widths - MERT-v1-330M (1024 wide, 24 layers), the MU-LLaMA adapter, LLaMA-2-7B
 widths (4096 / FFN 11008 / 32 heads / vocab 32000) with ``--layers`` LLaMA layers (the real model has 32; the
 torch float32 reference of all 32 would need ~35 GB). Built once with the product's own code
-(:func:`tests.assets.make_assets.build_shape_assets`, then :func:`export.bundle.build_bundle` with q4_k_m and an
+(:func:`testkit.make_assets.build_shape_assets`, then :func:`export.build.build_bundle` with q4_k_m and an
 int8 encoder; its ONNX checks against torch run as in any export, the LLM check is skipped, see
 :func:`_build_bundle`) and cached in ``~/.cache/mullama/bench/e2e-<shape>/`` (``$MULLAMA_BENCH_CACHE``
 overrides the root); the first run reports how long that took.
@@ -15,7 +15,7 @@ measurement (variants alternate, their order reversed every round, ``--rounds`` 
 
 * ``sdk``: ``Captioner.from_pretrained(bundle, n_threads=2)`` then ``caption(path, temperature=0,
   max_new_tokens=64)``; the encoder runs on windows of at most 30 s (frame-weighted mean).
-* ``torch fp32`` / ``torch bf16``: :func:`training.loading.load_reference` (LLaMA in that dtype; MERT and the
+* ``torch fp32`` / ``torch bf16``: :func:`training.reference.loading.load_reference` (LLaMA in that dtype; MERT and the
   adapter always float32), ``torch.set_num_threads(2)``, then the steps of ``MullamaModel.generate`` (load
   audio, ``state_means`` with its default 30 s windows - the same windows and math as the SDK - music query,
   KV-cached ``generate_from_query``). The published MU-LLaMA code encodes the first 60 s in ONE window instead;
@@ -201,7 +201,7 @@ def _child_ref(a: argparse.Namespace, dtype_name: str) -> dict:
     import torch
 
     from mullama_sdk.audio import load_audio
-    from training.loading import load_reference
+    from training.reference.loading import load_reference
 
     torch.set_num_threads(a.threads)
     d = Path(a.dir)
@@ -283,11 +283,11 @@ def _child_build(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     if a.child == "build-assets":
         if a.quick:
-            from tests.assets.make_assets import build_tiny_assets
+            from testkit.make_assets import build_tiny_assets
 
             build_tiny_assets(d)
         else:
-            from tests.assets.make_assets import build_shape_assets
+            from testkit.make_assets import build_shape_assets
 
             build_shape_assets(d, a.layers, mert_layers=24)
     else:
@@ -299,7 +299,7 @@ def _build_bundle(d: Path, threads: int) -> None:
     """q4_k_m + int8 bundle. The ONNX graphs are checked against torch (strict); the check of llama.cpp
     against the torch LLM is skipped (it would hold the float32 torch LLaMA beside llama.cpp); this benchmark
     compares the two sides' greedy tokens instead."""
-    from export.bundle import BundleOptions, build_bundle
+    from export.build import BundleOptions, build_bundle
 
     opts = BundleOptions(quants=(QUANT,), encoder_precisions=(PRECISION,), verify_llm=False)
     build_bundle(d / "checkpoint.pth", d / "llama", d / "mert", d / "bundle", options=opts, threads=threads,
@@ -344,7 +344,7 @@ def clip(folder: Path, seconds: float) -> Path:
         return path
     import soundfile as sf
 
-    from tests.assets import make_assets as ma
+    from testkit import make_assets as ma
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:  # the 10 s test song's parameters, rendered at the wanted length

@@ -4,7 +4,7 @@ Launch:  .venv/bin/python -m bench.bench_gguf_memory [--n-layers 4 --type f16 --
 
 Takes a real-width Meta LLaMA folder (4096 wide, FFN 11008, vocab 32000, bf16 shard; n layers): with the
 default 4 layers the cached benchmark sources of :mod:`bench.assets` (shared with the other benchmarks),
-otherwise one built in a temporary folder with ``tests.assets.make_assets``; adds MU-LLaMA-shaped deltas in memory (rank-16 LoRA on all 7 projections,
+otherwise one built in a temporary folder with ``testkit.make_assets``; adds MU-LLaMA-shaped deltas in memory (rank-16 LoRA on all 7 projections,
 biases on wq/wo/w1/w2/w3, last 20 layers injected), and converts it twice, each in a fresh child process:
 with and without handing the read source pages back to the kernel. A sampler thread reads
 ``/proc/self/status`` every 2 ms. Target: peak RSS above the baseline < largest single tensor + 3 GB.
@@ -36,9 +36,9 @@ def _child(args: argparse.Namespace) -> None:
     import torch
 
     from export.gguf_export import GgufSource, write_llama_gguf
-    from training.config import LlamaParams
-    from training.loading import torch_load
-    from training.tokenizer import Tokenizer
+    from training.reference.dims import LlamaParams
+    from training.reference.loading import torch_load
+    from training.reference.tokenizer import Tokenizer
 
     llama_dir = args.assets / "llama"
     tok = Tokenizer(llama_dir / "tokenizer.model")
@@ -112,7 +112,7 @@ def main() -> None:
         if assets is None:
             assets = work / "assets"
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "tests.assets.make_assets", str(assets), "--shapes",
+            subprocess.run([sys.executable, "-m", "testkit.make_assets", str(assets), "--shapes",
                             "--n-layers", str(args.n_layers), "--llama-only"], cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL)
             print(f"built {args.n_layers}-layer real-width LLaMA in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -28,7 +28,7 @@ import llama_cpp  # noqa: E402
 
 from bench.report import Target, markdown_table, write_section  # noqa: E402
 from native_bridge import InjectionHook  # noqa: E402
-from tests import llama_gguf_helpers as H  # noqa: E402
+from testkit import llama_gguf as H  # noqa: E402
 
 TARGET = 0.97
 

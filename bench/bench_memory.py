@@ -110,11 +110,11 @@ def _child(args: argparse.Namespace) -> None:
     import onnxruntime  # noqa: F401
 
     from mullama_sdk import Captioner
-    from mullama_sdk.bundle import load_manifest
     from mullama_sdk.encoder_backend import choose_encoder_backend
     from mullama_sdk.llm import _ensure_backend
+    from mullama_sdk.manifest import load_manifest
     from native_bridge import InjectionHook
-    from tests.assets.make_assets import write_test_audio
+    from testkit.make_assets import write_test_audio
 
     prec, quant, *mode = args.variant.split(":")
     low = mode == ["low"]
@@ -159,7 +159,7 @@ COMPONENTS = [
 def _ort_session(path: Path, prepack: bool = True, arena: bool = True):
     import onnxruntime as ort
 
-    from mullama_sdk.encoder import session_options
+    from mullama_sdk.encoder_ort import session_options
 
     return ort.InferenceSession(str(path), session_options(2, prepack=prepack, arena=arena),
                                 providers=["CPUExecutionProvider"])
@@ -253,7 +253,7 @@ def _child_speed(args: argparse.Namespace) -> None:
     del ctxs, models
     # The whole Captioner, default vs low_memory=True, captions interleaved (both on the same q4_k_m bundle).
     from mullama_sdk import Captioner
-    from tests.assets.make_assets import write_test_audio
+    from testkit.make_assets import write_test_audio
 
     audio = write_test_audio(Path(args.tmp))["music_24k_mono_10s.wav"]
     caps = {low: Captioner.from_pretrained(bundle, device="cpu", encoder_precision="int8", quant="q4_k_m",

@@ -53,7 +53,7 @@ TARGET_BATCH = 3.0
 def _music(seconds: float, offset_s: float = 0.0) -> np.ndarray:
     """Synthesised test music (the 10 s clip of the test assets), tiled to ``seconds``, from ``offset_s``."""
     from mullama_sdk.audio import load_audio
-    from tests.assets.make_assets import write_test_audio
+    from testkit.make_assets import write_test_audio
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = load_audio(write_test_audio(Path(tmp))["music_24k_mono_10s.wav"])

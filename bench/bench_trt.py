@@ -80,8 +80,8 @@ def main() -> int:
     from export.onnx_precision import convert_fp16
     from export.trt import build_engine, waveform_profile
     from mullama_sdk.encoder_trt import TrtGraph, cuda_device
-    from tests.assets.make_assets import mert_330m_config
-    from training.mert import MertEncoder, hubert_config_from_mert
+    from testkit.make_assets import mert_330m_config
+    from training.reference.mert import MertEncoder, hubert_config_from_mert
 
     MERT_330M = mert_330m_config()
     gpu = cuda_device()

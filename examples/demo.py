@@ -1,7 +1,7 @@
 """``make demo``: caption the example clips with the demo model and answer a question, with timings.
 
 The demo bundle (``examples/demo_bundle``, 9.8 MiB, committed) is a small MU-LLaMA-architecture model
-trained on this kind of machine by ``python -m examples.demo_train`` (``make demo-model`` rebuilds it bit
+trained on this kind of machine by ``python -m examples.demo_model.train`` (``make demo-model`` rebuilds it bit
 for bit): a 4-layer LLaMA-architecture LM and a 4-layer HuBERT (= MERT) encoder trained on a few hundred
 clips rendered from music21's scores with fluidsynth. It knows instrument families, tempo, key, era
 and solo/ensemble of General MIDI renderings - nothing like real MU-LLaMA's knowledge of music, but

@@ -17,8 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from mullama_sdk.bundle import ENCODER_PRECISIONS, LLM_QUANTS
 from mullama_sdk.errors import MullamaError
+from mullama_sdk.manifest import ENCODER_PRECISIONS, LLM_QUANTS
 
 
 def _sources(p: argparse.ArgumentParser) -> None:
@@ -131,7 +131,7 @@ def _stderr(msg: str) -> None:
 
 
 def _bundle(args, say) -> int:
-    from export.bundle import BundleOptions, build_bundle
+    from export.build import BundleOptions, build_bundle
 
     if args.trt:
         from mullama_sdk.errors import BackendUnavailableError
@@ -172,8 +172,8 @@ def _trt(args, say) -> int:
 
 
 def _verify(args, say) -> int:
-    from export.bundle import _check_inputs
-    from mullama_sdk.bundle import check_files, load_manifest
+    from export.build import _check_inputs
+    from mullama_sdk.manifest import check_files, load_manifest
 
     # Cheap checks first (the bundle, its files, the input paths), then the heavy imports.
     manifest = load_manifest(args.bundle)
@@ -188,7 +188,7 @@ def _verify(args, say) -> int:
         files_note = f"{n_files} files match their sha256"
 
     from export.verify import check_windows, format_table, llm_checks, onnx_checks, onnx_reference, trt_checks
-    from training.loading import build_model, build_music_model, open_sources
+    from training.reference.loading import build_model, build_music_model, open_sources
 
     with say.step("torch reference: " + ("music model" if args.skip_llm else "full model")):
         src = open_sources(args.checkpoint, args.llama_dir, args.mert_dir, trust_pickle=args.trust_checkpoint)

@@ -43,12 +43,12 @@ import numpy as np
 import torch
 
 from mullama_sdk.errors import BundleError, CheckpointError, ConfigError
-from training.config import LlamaParams
+from training.reference.dims import LlamaParams
 
 if TYPE_CHECKING:  # pragma: no cover
     import gguf
 
-    from training.loading import ModelSources
+    from training.reference.loading import ModelSources
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class GgufSource:
 
     @classmethod
     def from_model_sources(cls, sources: ModelSources) -> GgufSource:
-        """The LLaMA part of :func:`training.loading.open_sources`' result."""
+        """The LLaMA part of :func:`training.reference.loading.open_sources`' result."""
         cfg = sources.config
         return cls(
             params=cfg.llama,
@@ -454,7 +454,7 @@ def write_gguf(
     """Convert the LLaMA part of a MU-LLaMA model (base + merged deltas) into a llama.cpp GGUF.
 
     Args:
-        sources: From :func:`training.loading.open_sources` (nothing is loaded in full).
+        sources: From :func:`training.reference.loading.open_sources` (nothing is loaded in full).
         out_path: The ``.gguf`` to write; its folder must exist. An existing file is replaced only
             when the new one is complete.
         file_type: ``"f32"`` or ``"f16"`` for the matrices (1-D tensors are always F32). Quantise
@@ -608,7 +608,7 @@ def _add_metadata(
 
 # ----------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.loading import open_sources
+    from training.reference.loading import open_sources
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)

@@ -2,7 +2,7 @@
 
 Two graphs carry the audio side of MU-LLaMA (spec section 1) to ONNX Runtime / TensorRT:
 
-* ``encoder`` - one window of 24 kHz audio through MERT (the reference :class:`~training.mert.MertEncoder`,
+* ``encoder`` - one window of 24 kHz audio through MERT (the reference :class:`~training.reference.mert.MertEncoder`,
   i.e. transformers' ``HubertModel``), reduced to the per-state time-means and the frame count. The
   runtime frame-weights the means of several windows itself.
 * ``adapter`` - those state means through the music adapter to the music query ``a``, plus the
@@ -197,7 +197,7 @@ def adapter_dims(model: Any) -> dict[str, int]:
 class EncoderGraph(nn.Module):
     """``waveform (1, n_samples)`` -> ``state_means (n_states, mert_dim)``, ``n_frames`` (int64 scalar).
 
-    A thin wrapper: the math is the reference :class:`~training.mert.MertEncoder` (HubertModel).
+    A thin wrapper: the math is the reference :class:`~training.reference.mert.MertEncoder` (HubertModel).
     """
 
     def __init__(self, mert: nn.Module) -> None:
@@ -264,7 +264,7 @@ def fold_injection(model: Any) -> FoldedInjection:
     bias), its kv heads repeated for grouped-query attention as the reference does.
 
     Args:
-        model: A :class:`~training.model.MullamaModel`.
+        model: A :class:`~training.reference.model.MullamaModel`.
 
     Raises:
         ConfigError: query_len != 1.
@@ -295,7 +295,7 @@ def fold_injection(model: Any) -> FoldedInjection:
 class AdapterGraph(nn.Module):
     """``state_means (n_states, mert_dim)`` -> ``injection (n_inject, n_embd)``, ``music_query (n_embd,)``.
 
-    Runs the reference :class:`~training.adapter.MusicAdapter`'s own submodules, then ``a @ W + b``
+    Runs the reference :class:`~training.reference.adapter.MusicAdapter`'s own submodules, then ``a @ W + b``
     with the folded injection.
     """
 
@@ -308,7 +308,7 @@ class AdapterGraph(nn.Module):
 
     @classmethod
     def from_model(cls, model: Any) -> AdapterGraph:
-        """Build from a :class:`~training.model.MullamaModel` (folds the injection).
+        """Build from a :class:`~training.reference.model.MullamaModel` (folds the injection).
 
         Raises:
             ConfigError: query_len != 1.

@@ -74,7 +74,7 @@ def export_encoder(
     """Export MERT + time-mean as the ``encoder`` graph (float32, see :data:`~export.graphs.ENCODER_GRAPH`).
 
     Args:
-        model: A :class:`~training.model.MullamaModel` or a bare :class:`~training.mert.MertEncoder`.
+        model: A :class:`~training.reference.model.MullamaModel` or a bare :class:`~training.reference.mert.MertEncoder`.
         out_path: Target ``.onnx`` file (overwritten).
         example_seconds: Length of the example waveform used for tracing (any length in the spec's range).
         external_data: Force (True) or forbid (False) external data; default: by size.
@@ -109,7 +109,7 @@ def export_adapter(
     See :data:`~export.graphs.ADAPTER_GRAPH` and :func:`~export.graphs.fold_injection`.
 
     Args:
-        model: A :class:`~training.model.MullamaModel` with ``query_len == 1``.
+        model: A :class:`~training.reference.model.MullamaModel` with ``query_len == 1``.
         out_path: Target ``.onnx`` file (overwritten).
         external_data: Force (True) or forbid (False) external data; default: by size.
 

@@ -331,7 +331,7 @@ def encoder_reference(model: Any, waveforms: Iterable[np.ndarray]) -> list[dict[
     :func:`compare_encoder` holds an encoder graph to. Computed once, it outlives the torch model.
 
     Args:
-        model: :class:`~training.model.MullamaModel` or :class:`~training.mert.MertEncoder`.
+        model: :class:`~training.reference.model.MullamaModel` or :class:`~training.reference.mert.MertEncoder`.
         waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 400 samples .. 30 s.
     """
     import torch
@@ -350,7 +350,7 @@ def adapter_reference(model: Any, state_means_list: Iterable[np.ndarray]) -> lis
     ``model.injection_vectors(a)`` (unfolded).
 
     Args:
-        model: :class:`~training.model.MullamaModel`.
+        model: :class:`~training.reference.model.MullamaModel`.
         state_means_list: ``(n_states, mert_dim)`` float32 arrays (frame-weighted over windows).
     """
     import torch
@@ -379,7 +379,7 @@ def compare_encoder(
     """Run the encoder graph on ONNX Runtime (CPU) and the torch reference on each waveform.
 
     Args:
-        model: :class:`~training.model.MullamaModel` or :class:`~training.mert.MertEncoder`; may be None
+        model: :class:`~training.reference.model.MullamaModel` or :class:`~training.reference.mert.MertEncoder`; may be None
             when ``reference`` is given.
         onnx_path: An encoder graph (any precision).
         waveforms: Mono float32 24 kHz windows, ``(n,)`` or ``(1, n)``, each 400 samples .. 30 s.
@@ -402,7 +402,7 @@ def compare_adapter(
     The reference is ``a = model.music_query(h)`` and ``model.injection_vectors(a)`` (unfolded).
 
     Args:
-        model: :class:`~training.model.MullamaModel`; may be None when ``reference`` is given.
+        model: :class:`~training.reference.model.MullamaModel`; may be None when ``reference`` is given.
         onnx_path: An adapter graph (any precision).
         state_means_list: ``(n_states, mert_dim)`` float32 arrays (frame-weighted over windows).
         threads: ONNX Runtime intra-op threads.
@@ -446,7 +446,7 @@ def run_graph(path: str | os.PathLike[str], feeds: Iterable[Mapping[str, np.ndar
 def _session(path: str | os.PathLike[str], threads: int | None):
     import onnxruntime as ort
 
-    from mullama_sdk.encoder import session_options
+    from mullama_sdk.encoder_ort import session_options
 
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 

@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mullama_sdk.bundle import (
+from mullama_sdk.cpu import INT8_SCHEME
+from mullama_sdk.errors import BundleError
+from mullama_sdk.manifest import (
     MANIFEST_NAME,
     check_files,
     int8_manifest_entry,
@@ -33,8 +35,6 @@ from mullama_sdk.bundle import (
     safe_member,
     sha256_of,
 )
-from mullama_sdk.cpu import INT8_SCHEME
-from mullama_sdk.errors import BundleError
 
 log = logging.getLogger(__name__)
 

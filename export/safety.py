@@ -36,8 +36,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from mullama_sdk.bundle import MANIFEST_NAME
 from mullama_sdk.errors import BundleError, DiskFullError, MullamaError
+from mullama_sdk.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 

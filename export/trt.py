@@ -40,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from mullama_sdk import encoder_trt
-from mullama_sdk.bundle import (
+from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
+from mullama_sdk.encoder_trt import INSTALL_HINT, GpuInfo, trt_logger
+from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
+from mullama_sdk.manifest import (
     MANIFEST_NAME,
     TRT_PRECISIONS,
     TrtEngines,
@@ -51,9 +54,6 @@ from mullama_sdk.bundle import (
     safe_member,
     sha256_of,
 )
-from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
-from mullama_sdk.encoder_trt import INSTALL_HINT, GpuInfo, trt_logger
-from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 

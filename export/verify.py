@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from mullama_sdk.audio import load_audio, window_bounds
-from mullama_sdk.bundle import Manifest, safe_member
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.cpu import INT8_WEIGHT_LIMIT
+from mullama_sdk.manifest import Manifest, safe_member
 from mullama_sdk.prompt import CAPTION_QUESTIONS
 
 #: (max relative error, min cosine) per graph and precision; relative = max|x - y| / max|y|.
@@ -149,7 +149,7 @@ class OnnxReference:
 
 
 def onnx_reference(model, windows: Sequence[np.ndarray]) -> OnnxReference:
-    """Run the torch music model (:class:`~training.model.MullamaModel` or its music part) on ``windows``."""
+    """Run the torch music model (:class:`~training.reference.model.MullamaModel` or its music part) on ``windows``."""
     from export.onnx_precision import adapter_reference, encoder_reference
 
     encoder = encoder_reference(model, windows)
@@ -176,7 +176,7 @@ def llm_checks(model, bundle_dir: Path, manifest: Manifest, windows: Sequence[np
                quants: Iterable[str] | None = None, threads: int | None = None) -> list[Check]:
     """Each GGUF of the bundle, hooked, against the torch reference's logits over whole prompts.
 
-    Needs the full reference model (:func:`training.loading.build_model`).
+    Needs the full reference model (:func:`training.reference.loading.build_model`).
     """
     import torch
 

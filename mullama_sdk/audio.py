@@ -360,7 +360,7 @@ def iter_windows(
     window absorbs any few-sample difference (or what is left when the file is shorter than announced).
 
     ``min_window_samples`` is the shortest clip accepted, counted at 24 kHz after resampling (a bundle's
-    own minimum, see :attr:`mullama_sdk.bundle.Manifest.min_window_samples`); shorter clips raise the
+    own minimum, see :attr:`mullama_sdk.manifest.Manifest.min_window_samples`); shorter clips raise the
     one-line :func:`too_short_message` error, whatever the way in.
 
     Raises:

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from mullama_sdk.audio import iter_windows
-from mullama_sdk.bundle import (
+from mullama_sdk.constants import MIN_WINDOW_SAMPLES
+from mullama_sdk.errors import AudioError, BundleError, ContextLengthError
+from mullama_sdk.manifest import (
     ENCODER_PRECISIONS,
     LLM_QUANTS,
     Manifest,
@@ -35,8 +37,6 @@ from mullama_sdk.bundle import (
     load_manifest,
     safe_member,
 )
-from mullama_sdk.constants import MIN_WINDOW_SAMPLES
-from mullama_sdk.errors import AudioError, BundleError, ContextLengthError
 from mullama_sdk.sampling import Sampler
 
 log = logging.getLogger(__name__)

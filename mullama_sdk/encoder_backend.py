@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mullama_sdk import encoder_trt
-from mullama_sdk.bundle import ENCODER_PRECISIONS, Manifest, TrtEngines, safe_member
 from mullama_sdk.cpu import INT8_SCHEMES, LEGACY_INT8_SCHEME, int8_kernel
 from mullama_sdk.errors import BackendUnavailableError, BundleError
+from mullama_sdk.manifest import ENCODER_PRECISIONS, Manifest, TrtEngines, safe_member
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class EncoderChoice:
         return self.backend == "tensorrt" or self.providers[0] == _CUDA
 
     def files(self, manifest: Manifest) -> list[str]:
-        """Bundle files this choice loads (for :func:`~mullama_sdk.bundle.check_files`)."""
+        """Bundle files this choice loads (for :func:`~mullama_sdk.manifest.check_files`)."""
         names = [manifest.encoder[self.onnx_precision], manifest.adapter[self.onnx_precision]]
         names += [f for f in manifest.files if f.endswith(".data") and any(f.startswith(x) for x in names)]
         if self.trt is not None:
@@ -75,7 +75,7 @@ class EncoderChoice:
 # Probes, module-level so that tests can replace them.
 def ort_providers() -> list[str]:
     """ONNX Runtime's available execution providers (BackendUnavailableError without onnxruntime)."""
-    from mullama_sdk.encoder import _import_ort
+    from mullama_sdk.encoder_ort import _import_ort
 
     return list(_import_ort().get_available_providers())
 
@@ -189,8 +189,8 @@ def _int8_here(manifest: Manifest, *, forced: bool) -> str:
 def open_encoder(choice: EncoderChoice, bundle_dir: Path, manifest: Manifest, *, n_threads: int | None,
                  low_memory: bool = False) -> Any:
     """Load the chosen encoder; TensorRT that fails to load falls back to ONNX Runtime unless forced.
-    ``low_memory`` applies to ONNX Runtime (see :func:`mullama_sdk.encoder.session_options`)."""
-    from mullama_sdk.encoder import OnnxMusicEncoder
+    ``low_memory`` applies to ONNX Runtime (see :func:`mullama_sdk.encoder_ort.session_options`)."""
+    from mullama_sdk.encoder_ort import OnnxMusicEncoder
 
     enc_onnx = safe_member(bundle_dir, manifest.encoder[choice.onnx_precision])
     ad_onnx = safe_member(bundle_dir, manifest.adapter[choice.onnx_precision])

@@ -1,6 +1,6 @@
 """The music encoder on TensorRT: serialized engines (``mullama-export trt``) run with the TensorRT runtime.
 
-Same interface as :class:`~mullama_sdk.encoder.OnnxMusicEncoder` (``window_means``, ``adapt``, ``close``).
+Same interface as :class:`~mullama_sdk.encoder_ort.OnnxMusicEncoder` (``window_means``, ``adapt``, ``close``).
 
 Nothing here is imported before it is needed: ``tensorrt`` and cuda-python load on first use, so the
 module imports (and its probes report why not) on machines without them.
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from mullama_sdk.bundle import (
+from mullama_sdk.errors import BackendUnavailableError, BundleError
+from mullama_sdk.manifest import (
     ADAPTER_INPUTS,
     ADAPTER_OUTPUTS,
     ENCODER_INPUTS,
@@ -39,7 +40,6 @@ from mullama_sdk.bundle import (
     TrtEngines,
     WaveformProfile,
 )
-from mullama_sdk.errors import BackendUnavailableError, BundleError
 
 log = logging.getLogger(__name__)
 

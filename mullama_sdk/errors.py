@@ -37,3 +37,12 @@ class CheckpointError(MullamaError):
 
 class DiskFullError(BundleError):
     """The disk ran out of space while a bundle (or one of its files) was being written."""
+
+
+class ClosedError(MullamaError, RuntimeError):
+    """A Captioner, llama.cpp model/context or TensorRT engine used after ``close()``: a programming error
+    in the caller, reported instead of a native crash."""
+
+
+class ExportError(MullamaError):
+    """An export step whose result does not match its spec or its source (an ONNX graph, a GGUF, a bundle)."""

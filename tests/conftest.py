@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.assets.make_assets import TinyAssets, build_tiny_assets
+from testkit.make_assets import TinyAssets, build_tiny_assets
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,7 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory):
     """A bundle of the tiny model with every variant (f32/q8_0/q4_k_m, fp32/fp16/int8), verified on export."""
-    from export.bundle import BundleOptions, build_bundle
+    from export.build import BundleOptions, build_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny.bundle"
     options = BundleOptions(quants=("f32", "q8_0", "q4_k_m"), encoder_precisions=("fp32", "fp16", "int8"),
@@ -27,7 +27,7 @@ def tiny_bundle(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def reference_model(tiny_assets: TinyAssets):
     """The torch reference of the tiny model (float32)."""
-    from training.loading import load_reference
+    from training.reference.loading import load_reference
 
     return load_reference(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir)
 

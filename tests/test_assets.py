@@ -16,8 +16,8 @@ import torch
 from transformers import HubertConfig, HubertModel
 
 from mullama_sdk.prompt import format_prompt
-from tests.assets import make_assets
-from tests.assets.make_assets import AssetDims, TinyAssets, build_shape_assets, build_tiny_assets
+from testkit import make_assets
+from testkit.make_assets import AssetDims, TinyAssets, build_shape_assets, build_tiny_assets
 
 ATTENTION = ("wq", "wk", "wv", "wo")
 

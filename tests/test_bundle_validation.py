@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mullama_sdk import BundleError, Captioner
-from mullama_sdk.bundle import MANIFEST_NAME, load_manifest, safe_member
+from mullama_sdk.manifest import MANIFEST_NAME, load_manifest, safe_member
 
 
 @pytest.fixture

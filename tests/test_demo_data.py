@@ -1,4 +1,4 @@
-"""The demo dataset renderer (examples/demo_data.py): audio format, MusicQA JSON, split, text vs facts,
+"""The demo dataset renderer (examples/demo_model/data.py): audio format, MusicQA JSON, split, text vs facts,
 determinism, and that the drums are really there."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import soundfile as sf
 
 pytest.importorskip("music21", reason="the demo extra (music21) is not installed")
 
-from examples import demo_data as dd  # noqa: E402
+from examples.demo_model import data as dd  # noqa: E402
 from mullama_sdk.prompt import CAPTION_QUESTIONS  # noqa: E402
 
 try:
@@ -59,7 +59,7 @@ def test_layout_and_audio_format(data):
 
 
 def test_json_loads_with_the_training_loader(data):
-    from training.data import clip_paths, load_qa_json
+    from training.recipes.data import clip_paths, load_qa_json
 
     per_split = {}
     for name, path in (("train", data.train_json), ("heldout", data.heldout_json)):

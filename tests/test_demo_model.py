@@ -15,8 +15,8 @@ CLIPS = ROOT / "examples" / "clips"
 
 
 def test_committed_bundle_is_valid_and_under_budget():
-    from examples.demo_train import MAX_BUNDLE_MB
-    from mullama_sdk.bundle import check_files, load_manifest
+    from examples.demo_model.train import MAX_BUNDLE_MB
+    from mullama_sdk.manifest import check_files, load_manifest
 
     manifest = load_manifest(BUNDLE)
     raw = json.loads((BUNDLE / "mullama.json").read_text())
@@ -32,7 +32,7 @@ def test_committed_bundle_is_valid_and_under_budget():
 def test_demo_names_the_instrument_family_of_example_clips():
     """Held-out example clips: the caption names the right family for most of them, and the captions
     differ between clips (the music steers the text)."""
-    from examples.demo_data import FAMILIES, first_mentioned
+    from examples.demo_model.data import FAMILIES, first_mentioned
     from mullama_sdk import Captioner
 
     facts = {f["clip_id"]: f for f in json.loads((CLIPS / "clips.json").read_text())}
@@ -64,7 +64,7 @@ def test_demo_script_without_bundle_says_how_to_get_one(tmp_path):
 
 def test_training_pipeline_runs_every_stage(tmp_path):
     """Data -> encoder -> LM -> pretrain -> finetune -> verified bundle, on a few clips for a few steps."""
-    from examples.demo_train import Budget, run
+    from examples.demo_model.train import Budget, run
     from mullama_sdk import Captioner
 
     bundle = tmp_path / "bundle"
@@ -79,7 +79,7 @@ def test_training_pipeline_runs_every_stage(tmp_path):
 def test_demo_eval_significance():
     from math import isclose
 
-    from examples.demo_eval import p_at_least
+    from examples.demo_model.evaluate import p_at_least
 
     assert p_at_least(0, 98, 0.337) == 1.0
     assert isclose(p_at_least(10, 10, 0.5), 0.5**10)
@@ -88,7 +88,7 @@ def test_demo_eval_significance():
 
 
 def test_demo_scripts_print_typed_errors_without_traceback(tmp_path, capsys):
-    from examples.cli import run_main
+    from examples.demo_model.cli import run_main
     from mullama_sdk.errors import BundleError
 
     def broken(argv):
@@ -102,7 +102,7 @@ def test_demo_scripts_print_typed_errors_without_traceback(tmp_path, capsys):
 
     with pytest.raises(KeyError):                                # a bug keeps its traceback
         run_main(bug)
-    proc = subprocess.run([sys.executable, "-m", "examples.demo_eval", "--bundle", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, "-m", "examples.demo_model.evaluate", "--bundle", str(tmp_path / "none"),
                            "--data", str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "make demo-model" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()                      # the bundle is checked before rendering

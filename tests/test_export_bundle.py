@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.bundle import BundleOptions, build_bundle
+from export.build import BundleOptions, build_bundle
 from mullama_sdk.errors import BundleError, CheckpointError, ConfigError
 
 ROOT = Path(__file__).parents[1]
@@ -116,8 +116,8 @@ def test_failed_verification_writes_no_bundle(tiny_assets, tmp_path, monkeypatch
 
 def test_own_training_checkpoint_exports(tiny_assets, reference_model, tmp_path):
     from mullama_sdk import Captioner
-    from training.checkpoint_layout import module_to_published
-    from training.loading import save_checkpoint
+    from training.reference.checkpoint_layout import module_to_published
+    from training.reference.loading import save_checkpoint
 
     state = module_to_published({k: v for k, v in reference_model.state_dict().items()
                                  if not k.startswith("mert.") and "layers.0.attention.wq.weight" not in k})
@@ -140,7 +140,7 @@ def test_torch_music_model_is_freed_before_quantizing(tiny_assets, tmp_path, mon
 
     import export.gguf_export
     import export.onnx_precision
-    from training.model import MullamaModel
+    from training.reference.model import MullamaModel
 
     def models_alive() -> int:
         gc.collect()
@@ -179,7 +179,7 @@ def test_music_export_in_a_child_process_gives_the_same_bundle(tiny_assets, tmp_
 
 
 def test_music_job_errors_come_back_typed(tiny_assets, tmp_path):
-    from export.music_job import MusicJob, run_in_child
+    from export.music_export import MusicJob, run_in_child
 
     job = MusicJob(tmp_path / "missing.pth", tiny_assets.llama_dir, tiny_assets.mert_dir, False, tmp_path, (), 1)
     with pytest.raises(CheckpointError, match="missing.pth"):

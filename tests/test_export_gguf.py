@@ -24,7 +24,7 @@ from export.llamacpp_eval import LlamaCppModel
 from export.quantize import QUANTS, quantize_gguf
 from mullama_sdk.errors import BundleError, CheckpointError, ConfigError, ContextLengthError
 from mullama_sdk.prompt import CAPTION_QUESTIONS, format_prompt
-from training.loading import load_reference, open_sources
+from training.reference.loading import load_reference, open_sources
 
 F32_TOL = 1e-3
 F16_TOL = 5e-2

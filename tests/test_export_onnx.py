@@ -40,8 +40,8 @@ from export.onnx_precision import (
 from mullama_sdk.audio import load_audio
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError
-from training.loading import load_reference
-from training.model import MullamaModel
+from training.reference.loading import load_reference
+from training.reference.model import MullamaModel
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2
@@ -337,7 +337,7 @@ def test_real_width_adapter_goes_past_protobuf_limit(model, tmp_path):
     Only the export path beyond 2 GB is checked here (external data, checker by path, ORT loading, fp16 and
     int8 conversion); about 10 GB of RAM and a few minutes.
     """
-    from training.config import AdapterDims, InjectionDims, LlamaParams
+    from training.reference.dims import AdapterDims, InjectionDims, LlamaParams
 
     cfg = dataclasses.replace(
         model.config,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from export import safety
-from export.bundle import BundleOptions, SpaceEstimate, build_bundle
+from export.build import BundleOptions, SpaceEstimate, build_bundle
 from mullama_sdk.errors import BundleError, DiskFullError
 
 ROOT = Path(__file__).parents[1]
@@ -67,15 +67,15 @@ def work(tiny_assets, tmp_path):
 def fast_music(tiny_bundle, reference_model, monkeypatch):
     """The music step without its torch ONNX export (seconds per test): the float32 graphs come from the
     session's bundle, the reference outputs from the session's torch model."""
-    from export import music_job
+    from export import music_export
     from export.verify import onnx_reference
 
     def run(job):
-        for name in (music_job.ENCODER_FP32, music_job.ADAPTER_FP32):
+        for name in (music_export.ENCODER_FP32, music_export.ADAPTER_FP32):
             shutil.copyfile(tiny_bundle / name, Path(job.folder) / name)
         return onnx_reference(reference_model, list(job.windows))
 
-    monkeypatch.setattr(music_job.MusicJob, "run", run)
+    monkeypatch.setattr(music_export.MusicJob, "run", run)
 
 
 # ------------------------------------------------------------------------------------------ overwrite
@@ -325,13 +325,13 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.parametrize("isolate", [False, True])
 def test_a_real_full_disk_is_one_error(tiny_assets, small_tmpfs, monkeypatch, isolate):
-    import export.bundle
+    import export.build
 
     with pytest.raises(DiskFullError, match="not enough free space"):  # the up-front estimate
         _export(tiny_assets, small_tmpfs / "b")
     # Past a (wrong) estimate, the disk fills for real: in the music step's child (window file 0.8 MB +
     # graphs 0.8 MB), or in this process at the GGUF.
-    monkeypatch.setattr(export.bundle, "estimate_space", lambda cfg, options: SpaceEstimate(0, 0, {
+    monkeypatch.setattr(export.build, "estimate_space", lambda cfg, options: SpaceEstimate(0, 0, {
         k: 0 for k in ("fp32", "fp16", "int8", "f32", "f16", "q8_0", "q4_k_m")}))
     with pytest.raises(DiskFullError) as info:
         _export(tiny_assets, small_tmpfs / "b", BundleOptions(quants=("f32",), encoder_precisions=("fp32",),
@@ -538,7 +538,7 @@ def test_no_strict_never_ships_a_failed_default(tiny_assets, tmp_path, monkeypat
 
 
 def test_no_strict_with_nothing_passing_writes_nothing():
-    from export.bundle import _demote_failed
+    from export.build import _demote_failed
 
     raw = {"default_encoder_precision": "int8", "default_quant": "q4_k_m", "notes": []}
     options = BundleOptions(quants=("q4_k_m", "q8_0"), encoder_precisions=("fp32", "int8"), strict=False)

@@ -24,7 +24,7 @@ import pytest
 import native_bridge
 from mullama_sdk.errors import BackendUnavailableError
 from native_bridge import InjectionHook, build
-from tests import llama_gguf_helpers as H
+from testkit import llama_gguf as H
 
 TOL = 1e-4
 INJECT_LAYERS = (2, 3)  # layer 2: attn_out is the MUL_MAT; layer 3 has attn_output.bias -> ADD

@@ -14,9 +14,15 @@ import pytest
 import torch
 
 from mullama_sdk.errors import CheckpointError, ConfigError
-from training.checkpoint_layout import module_to_published
-from training.loading import CHECKPOINT_FORMAT, load_reference, resolve_llama_dir, save_checkpoint, torch_load
-from training.mert import MERT_PREPROCESSOR
+from training.reference.checkpoint_layout import module_to_published
+from training.reference.loading import (
+    CHECKPOINT_FORMAT,
+    load_reference,
+    resolve_llama_dir,
+    save_checkpoint,
+    torch_load,
+)
+from training.reference.mert import MERT_PREPROCESSOR
 
 TOKENS = [1, 30, 31, 32, 33, 34, 35]
 
@@ -382,7 +388,7 @@ def test_arbitrary_pickles_are_refused(tmp_path):
 
 def test_reference_cli_json(tiny_assets):
     clip = next(iter(tiny_assets.audio.values()))
-    cmd = [sys.executable, "-m", "training.reference", "--checkpoint", str(tiny_assets.checkpoint),
+    cmd = [sys.executable, "-m", "training.reference.greedy", "--checkpoint", str(tiny_assets.checkpoint),
            "--llama-dir", str(tiny_assets.llama_dir), "--mert-dir", str(tiny_assets.mert_dir),
            "--audio", str(clip), "--max-new-tokens", "6", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mullama_sdk.constants import SAMPLE_RATE_HZ
-from training.llama import Llama
-from training.loading import load_reference
+from training.reference.llama import Llama
+from training.reference.loading import load_reference
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_injected_layer_equals_closed_form(model):
     tokens = model.adapter_tokens(a)[l]  # p_l + a
     attn = model.llama.layers[l].attention
     x = torch.randn(1, 5, p.dim)
-    from training.llama import rope_angles
+    from training.reference.llama import rope_angles
 
     rot = rope_angles(p.head_dim, torch.arange(5), p.rope_theta)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_general_query_len_softmax_path(model):
 
 def test_merged_lora_gives_same_logits(model):
     """W + L2 @ L1 in a LoRA-free copy reproduces the unmerged model's logits."""
-    from training.config import DeltaDims
+    from training.reference.dims import DeltaDims
 
     src = model.llama
     merged = Llama(model.config.llama, DeltaDims(bias=True, lora_rank=0))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mullama_sdk import BundleError, Captioner
-from mullama_sdk.bundle import MANIFEST_NAME, load_manifest
+from mullama_sdk.manifest import MANIFEST_NAME, load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def test_onnx_graphs_swapped(bundle_copy):
 @pytest.mark.parametrize("n_embd,n_ff,match", [(128, 384, "embedding_length"), (64, 192, "tokens")])
 def test_gguf_replaced_by_another_valid_gguf(bundle_copy, tmp_path, no_native_load, n_embd, n_ff, match):
     """A real, loadable llama GGUF of other dims (or another vocabulary), manifest size/sha updated."""
-    from tests.llama_gguf_helpers import TinyLlamaConfig, random_weights, write_llama_gguf
+    from testkit.llama_gguf import TinyLlamaConfig, random_weights, write_llama_gguf
 
     cfg = TinyLlamaConfig(n_embd=n_embd, n_layer=4, n_head=4, n_head_kv=4, n_ff=n_ff)
     write_llama_gguf(bundle_copy / "llm.f32.gguf", cfg, random_weights(cfg))

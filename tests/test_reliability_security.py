@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mullama_sdk.errors import CheckpointError
-from training.loading import torch_load
+from training.reference.loading import torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path, legacy):
 
 def test_export_cli_refuses_and_names_the_flag(tiny_assets, tmp_path):
     """The whole export, from the command line, with a checkpoint carrying a payload in its ``args``."""
-    from training.loading import torch_load as load
+    from training.reference.loading import torch_load as load
 
     marker = tmp_path / "PWNED"
     content = load(tiny_assets.checkpoint)
@@ -70,7 +70,7 @@ def test_export_cli_refuses_and_names_the_flag(tiny_assets, tmp_path):
 @pytest.mark.parametrize("which", ["mert", "llama"])
 def test_every_weight_file_goes_through_the_same_gate(tiny_assets, tmp_path, which):
     """MERT's pytorch_model.bin and Meta's consolidated.*.pth are pickles too."""
-    from training.loading import load_reference
+    from training.reference.loading import load_reference
 
     marker = tmp_path / "PWNED"
     src = tiny_assets.mert_dir if which == "mert" else tiny_assets.llama_dir
@@ -105,7 +105,7 @@ def _torch_load_calls(tree: ast.AST) -> list[ast.Call]:
 
 
 def test_torch_load_is_only_called_through_the_gate():
-    """Static check over the packages: every ``torch.load`` lives in training.loading.torch_load and passes
+    """Static check over the packages: every ``torch.load`` lives in training.reference.loading.torch_load and passes
     ``weights_only=not trust_pickle``; nothing calls pickle.load(s) or numpy.load(allow_pickle=True)."""
     offenders = []
     for package in ("mullama_sdk", "native_bridge", "export", "training", "bench", "examples"):
@@ -114,7 +114,7 @@ def test_torch_load_is_only_called_through_the_gate():
             rel = path.relative_to(ROOT).as_posix()
             for call in _torch_load_calls(tree):
                 kw = {k.arg: ast.unparse(k.value) for k in call.keywords}
-                if rel != "training/loading.py" or kw.get("weights_only") != "not trust_pickle":
+                if rel != "training/reference/loading.py" or kw.get("weights_only") != "not trust_pickle":
                     offenders.append(f"{rel}:{call.lineno}: torch.load({', '.join(f'{k}={v}' for k, v in kw.items())})")
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):

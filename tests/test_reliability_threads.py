@@ -39,8 +39,8 @@ def other_bundle(tiny_assets, tmp_path_factory):
     """A second bundle, same dims, from a checkpoint with a perturbed ``prefix_query.weight``."""
     import torch
 
-    from export.bundle import BundleOptions, build_bundle
-    from training.loading import torch_load
+    from export.build import BundleOptions, build_bundle
+    from training.reference.loading import torch_load
 
     tmp = tmp_path_factory.mktemp("other")
     ckpt = torch_load(tiny_assets.checkpoint)

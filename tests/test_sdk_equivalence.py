@@ -122,7 +122,7 @@ def test_cli_json_equals_reference_cli(tiny_bundle, tiny_assets):
                           "--low-memory",  # changes memory, not answers
                           "--question", "What do you hear in the audio?", *common],
                          capture_output=True, text=True, check=True, cwd=ROOT)
-    ref = subprocess.run([sys.executable, "-m", "training.reference", "--checkpoint", str(tiny_assets.checkpoint),
+    ref = subprocess.run([sys.executable, "-m", "training.reference.greedy", "--checkpoint", str(tiny_assets.checkpoint),
                           "--llama-dir", str(tiny_assets.llama_dir), "--mert-dir", str(tiny_assets.mert_dir),
                           "--audio", *clips, "--question", "What do you hear in the audio?", *common],
                          capture_output=True, text=True, check=True, cwd=ROOT)

@@ -18,8 +18,8 @@ import torch
 import mullama_sdk.audio as audio_module
 from mullama_sdk import AudioError, BundleError, Captioner
 from mullama_sdk.audio import iter_windows, load_audio
-from mullama_sdk.bundle import MANIFEST_NAME, load_manifest, parse_manifest
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
+from mullama_sdk.manifest import MANIFEST_NAME, load_manifest, parse_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = SAMPLE_RATE_HZ

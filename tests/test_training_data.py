@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mullama_sdk.errors import ConfigError
-from training.data import (
+from training.recipes.data import (
     IGNORE_INDEX,
     SILENCE_KEY,
     clip_paths,
@@ -18,7 +18,7 @@ from training.data import (
     load_qa_json,
     silence,
 )
-from training.tokenizer import Tokenizer
+from training.reference.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_truncation_keeps_the_prompt(tok):
     assert enc.labels[len(prompt):] == answer[:3]
     assert encode_pair(tok, "Describe the audio", "x", len(prompt)) is None  # no room for one answer token
 
-    from training.data import QAPair
+    from training.recipes.data import QAPair
 
     short = "Slow."
     limit = len(prompt) + len(tok.encode(short)) + 1  # the short answer and its EOS just fit

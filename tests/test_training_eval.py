@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.metrics import (
+from training.evaluation.metrics import (
     compat_bleu,
     derangement,
     resolve_bertscore,

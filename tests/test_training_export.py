@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from export.bundle import BundleOptions, build_bundle
+from export.build import BundleOptions, build_bundle
 from mullama_sdk import Captioner
 from tests.test_training_recipes import TINY_JSON, run_recipe, tiny_config
-from training.config import DeltaDims
-from training.loading import load_reference, read_checkpoint
+from training.reference.dims import DeltaDims
+from training.reference.loading import load_reference, read_checkpoint
 
 FAST = BundleOptions(quants=("f32",), encoder_precisions=("fp32",), verify_llm=False)
 
@@ -57,7 +57,7 @@ def test_finetune_checkpoint_exports_and_matches_reference(trained, tiny_assets,
     bundle = _check_bundle(fine, tiny_assets, tmp_path / "fine.bundle")
 
     # `mullama-train eval` through the SDK on that bundle.
-    from training.evaluate import main
+    from training.evaluation.evaluate import main
 
     report = tmp_path / "eval.json"
     assert main(["--data", str(TINY_JSON), "--audio-dir", str(tiny_assets.root / "audio"), "--bundle", str(bundle),

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import training.features as features
+import training.recipes.features as features
 from mullama_sdk.audio import load_audio
 from mullama_sdk.constants import SAMPLE_RATE_HZ
-from training.data import SILENCE_KEY, silence
-from training.features import FeatureCache, clip_state_means, load_mert, update_feature_cache
+from training.recipes.data import SILENCE_KEY, silence
+from training.recipes.features import FeatureCache, clip_state_means, load_mert, update_feature_cache
 
 ROOT = Path(__file__).parents[1]
 CLIPS = ("music_24k_mono.wav", "music_44k_stereo.wav", "music_44k_stereo.ogg", "music_24k_mono_10s.wav")

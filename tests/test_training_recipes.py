@@ -19,10 +19,9 @@ import torch
 
 from mullama_sdk.audio import load_audio
 from mullama_sdk.errors import CheckpointError, ConfigError
-from training.data import load_qa_json, silence
-from training.loading import load_reference, torch_load
-from training.recipe_config import load_recipe_config
-from training.recipes import (
+from training.recipes.config import load_recipe_config
+from training.recipes.data import load_qa_json, silence
+from training.recipes.stages import (
     FinetuneRecipe,
     PretrainRecipe,
     TrainForward,
@@ -31,6 +30,7 @@ from training.recipes import (
     saved_names,
     trainable_names,
 )
+from training.reference.loading import load_reference, torch_load
 
 ROOT = Path(__file__).parents[1]
 TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"
@@ -107,7 +107,7 @@ def test_finetune_golden_losses(tiny_assets, tmp_path, cache):
 
 def test_train_forward_batches_like_single_examples(tiny_assets, reference_model):
     """Right padding and batching change nothing: the batched loss equals per-example sums from model.logits."""
-    from training.data import collate, encode_pair
+    from training.recipes.data import collate, encode_pair
 
     model = reference_model
     tok = model.tokenizer
@@ -259,4 +259,4 @@ def test_shipped_configs_parse_and_name_their_launch_command():
         cfg = load_recipe_config(path, stage=stage)
         assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05 and cfg.train.batch_size == 1
         assert (cfg.train.grad_accum, cfg.data.max_words) == ((4, 96) if stage == "pretrain" else (32, 512))
-    assert TINY_YAML.read_text().startswith("# python -m tests.assets.make_assets /tmp/mullama-tiny && mullama-train")
+    assert TINY_YAML.read_text().startswith("# python -m testkit.make_assets /tmp/mullama-tiny && mullama-train")

@@ -25,10 +25,10 @@ import pytest
 
 from export.trt import TrtBuildOptions, waveform_profile
 from mullama_sdk import encoder_backend, encoder_trt
-from mullama_sdk.bundle import MANIFEST_NAME, TrtEngines, WaveformProfile, parse_manifest, sha256_of
 from mullama_sdk.encoder_backend import choose_encoder_backend
 from mullama_sdk.encoder_trt import GpuInfo, TensorRTMusicEncoder, engine_incompatibility
 from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
+from mullama_sdk.manifest import MANIFEST_NAME, TrtEngines, WaveformProfile, parse_manifest, sha256_of
 
 ROOT = Path(__file__).parents[1]
 SR = 24_000
@@ -700,7 +700,7 @@ def test_captioner_engines_that_do_not_load_fall_back(bundle_with_fake_engines, 
 
 def test_verify_rows_skip_with_reason(bundle_with_fake_engines, monkeypatch):
     from export.verify import format_table, trt_checks
-    from mullama_sdk.bundle import load_manifest
+    from mullama_sdk.manifest import load_manifest
 
     m = load_manifest(bundle_with_fake_engines)
     monkeypatch.setattr(encoder_trt, "tensorrt_version", _no("TensorRT is not available: `import tensorrt` failed"))
@@ -762,7 +762,7 @@ def test_export_verify_and_run_on_stand_in(tiny_bundle, tmp_path, fake_trt, monk
     from export.cli import main
     from export.verify import trt_checks
     from mullama_sdk import Captioner
-    from mullama_sdk.bundle import check_files, load_manifest
+    from mullama_sdk.manifest import check_files, load_manifest
 
     rt = fake_trt[0]
     monkeypatch.setattr(encoder_trt, "cuda_device", lambda index=0: GPU_86)
@@ -856,7 +856,7 @@ def trt_bundle(tiny_bundle, tmp_path_factory):
 def test_gpu_manifest_records_the_engines(trt_bundle):
     import tensorrt
 
-    from mullama_sdk.bundle import check_files, load_manifest
+    from mullama_sdk.manifest import check_files, load_manifest
 
     m = load_manifest(trt_bundle)
     gpu = encoder_trt.cuda_device()
@@ -875,7 +875,7 @@ def test_gpu_engines_match_ort_fp32(trt_bundle, tiny_assets, precision, tol):
     from export.onnx_precision import _run, _session
     from export.verify import trt_checks
     from mullama_sdk.audio import load_audio
-    from mullama_sdk.bundle import load_manifest
+    from mullama_sdk.manifest import load_manifest
 
     m = load_manifest(trt_bundle)
     rows = trt_checks(trt_bundle, m, precisions=[precision], audio_files=[tiny_assets.audio["music_24k_mono.wav"]])
@@ -902,8 +902,8 @@ def test_gpu_out_of_profile_windows_use_onnx_runtime(trt_bundle, tmp_path):
     import tensorrt
 
     from export.trt import build_engine
-    from mullama_sdk.bundle import load_manifest
-    from mullama_sdk.encoder import OnnxMusicEncoder
+    from mullama_sdk.encoder_ort import OnnxMusicEncoder
+    from mullama_sdk.manifest import load_manifest
 
     m = load_manifest(trt_bundle)
     eng = tmp_path / "encoder.engine"

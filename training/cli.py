@@ -20,9 +20,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"reference": "training.reference", "features": "training.features",
-                "pretrain": "training.run:pretrain_main", "finetune": "training.run:finetune_main",
-                "eval": "training.evaluate"}
+    commands = {"reference": "training.reference.greedy", "features": "training.recipes.features",
+                "pretrain": "training.recipes.launch:pretrain_main", "finetune": "training.recipes.launch:finetune_main",
+                "eval": "training.evaluation.evaluate"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):

@@ -1,8 +1,8 @@
-"""``python -m training.reference``: greedy MU-LLaMA output from the torch reference, as JSON.
+"""``python -m training.reference.greedy``: greedy MU-LLaMA output from the torch reference, as JSON.
 
 This is the yardstick every later stage (ONNX, llama.cpp, the SDK) is compared with.
 
-    python -m training.reference --checkpoint CKPT --llama-dir DIR --mert-dir DIR --audio FILE \\
+    python -m training.reference.greedy --checkpoint CKPT --llama-dir DIR --mert-dir DIR --audio FILE \\
         [--question Q] [--max-new-tokens N] [--json]
 """
 
@@ -23,7 +23,7 @@ _DTYPES = ("float32", "bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.reference", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.reference.greedy", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="MU-LLaMA checkpoint.pth or our checkpoint")
     p.add_argument("--llama-dir", required=True, type=Path,
                    help="Meta LLaMA model folder (params.json, consolidated.*.pth; tokenizer.model there or "
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from training.loading import load_reference
+    from training.reference.loading import load_reference
 
     try:
         t0 = time.perf_counter()

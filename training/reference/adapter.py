@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import AdapterDims
+from training.reference.dims import AdapterDims
 
 
 class RMSNorm(nn.Module):

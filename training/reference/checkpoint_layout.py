@@ -82,7 +82,7 @@ def split_published(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch
 
 
 def module_to_published(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a :class:`~training.model.MullamaModel` state dict to the published layout."""
+    """Rename a :class:`~training.reference.model.MullamaModel` state dict to the published layout."""
     out = {}
     for key, value in sd.items():
         head, _, rest = key.partition(".")

@@ -361,6 +361,6 @@ class MertEncoder(nn.Module):
 
     def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
         """Strictly load HubertModel weights (either weight-norm spelling), naming every mismatch."""
-        from training.state_dict import load_strict
+        from training.reference.state_dict import load_strict
 
         load_strict(self.hubert, to_hubert_state_dict(sd), what="MERT")

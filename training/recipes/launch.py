@@ -34,8 +34,8 @@ def run(stage: str, argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if args.quiet or rank != 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from training.recipe_config import load_recipe_config
-    from training.recipes import RECIPES
+    from training.recipes.config import load_recipe_config
+    from training.recipes.stages import RECIPES
 
     try:
         cfg = load_recipe_config(args.config, args.overrides, stage=stage)

@@ -31,7 +31,7 @@ import torch
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError
 from mullama_sdk.prompt import format_prompt
-from training.tokenizer import Tokenizer
+from training.reference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def encode_pairs(
 
 
 class QADataset(torch.utils.data.Dataset):
-    """Examples with their cached MERT state means (see :mod:`training.features`)."""
+    """Examples with their cached MERT state means (see :mod:`training.recipes.features`)."""
 
     def __init__(self, examples: Sequence[Example], features) -> None:
         self.examples = list(examples)

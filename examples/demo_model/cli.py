@@ -10,7 +10,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     """``main(argv)``; an error we raise on purpose (a bad bundle, config or checkpoint, a missing renderer,
     an existing output) is printed as ``error: ...`` with exit status 2. Anything else is a bug and keeps
     its traceback."""
-    from examples.demo_data import DemoDataError
+    from examples.demo_model.data import DemoDataError
     from mullama_sdk.errors import MullamaError
 
     try:

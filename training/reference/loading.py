@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from mullama_sdk.errors import CheckpointError, ConfigError
-from training.checkpoint_layout import split_published
-from training.config import AdapterDims, DeltaDims, InjectionDims, LlamaParams, MullamaConfig
-from training.llama import Llama
-from training.mert import MertEncoder, read_mert_folder, to_hubert_state_dict
-from training.model import MullamaModel
-from training.state_dict import check_keys, load_strict
-from training.tokenizer import Tokenizer
+from training.reference.checkpoint_layout import split_published
+from training.reference.dims import AdapterDims, DeltaDims, InjectionDims, LlamaParams, MullamaConfig
+from training.reference.llama import Llama
+from training.reference.mert import MertEncoder, read_mert_folder, to_hubert_state_dict
+from training.reference.model import MullamaModel
+from training.reference.state_dict import check_keys, load_strict
+from training.reference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def open_sources(
 
     LLaMA tensors present in the checkpoint win over the Meta shards (trained norms replace the base
     ones); MERT weights come from the checkpoint's ``mert_model.*`` when present, else the MERT folder.
-    Key sets are not checked here: :func:`training.state_dict.check_keys` does that against a model.
+    Key sets are not checked here: :func:`training.reference.state_dict.check_keys` does that against a model.
     ``checkpoint`` may also be an in-memory :class:`Checkpoint` (training starts from freshly
     initialised adapter tensors that were never written to a file).
 

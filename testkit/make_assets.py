@@ -24,7 +24,7 @@ tensor by tensor (see :func:`_save_streamed`), so a real-width build needs littl
 weights. Base LLaMA weights are exactly representable in bf16 and fp16, so the bf16 shard and the fp16 copy in
 ``checkpoint.pth`` hold the same numbers.
 
-CLI: ``python -m tests.assets.make_assets OUT_DIR [--shapes --n-layers N --mert-layers M --llama-only]``.
+CLI: ``python -m testkit.make_assets OUT_DIR [--shapes --n-layers N --mert-layers M --llama-only]``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from sentencepiece import sentencepiece_model_pb2
 from transformers import HubertConfig, HubertModel
 
 from mullama_sdk.prompt import CAPTION_QUESTIONS, PROMPT_TEMPLATE
-from training.mert import MERT_PREPROCESSOR, check_mert_config, mert_folder_config
-from training.tokenizer import train_llama_tokenizer
+from training.reference.mert import MERT_PREPROCESSOR, check_mert_config, mert_folder_config
+from training.reference.tokenizer import train_llama_tokenizer
 
 __all__ = [
     "AssetDims",
@@ -503,7 +503,7 @@ def mert_330m_config(mert_layers: int = 24) -> dict[str, object]:
 
 
 def _mert_config(d: AssetDims) -> dict[str, object]:
-    """MERT-v1-330M's ``config.json`` (every published field, see :func:`training.mert.mert_folder_config`) at
+    """MERT-v1-330M's ``config.json`` (every published field, see :func:`training.reference.mert.mert_folder_config`) at
     the widths of ``d``."""
     return mert_folder_config(
         hidden_size=d.mert_hidden_size,
@@ -749,7 +749,7 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def _train_tokenizer(vocab_size: int) -> bytes:
-    """The test tokenizer: LLaMA's conventions (see :func:`training.tokenizer.train_llama_tokenizer`)."""
+    """The test tokenizer: LLaMA's conventions (see :func:`training.reference.tokenizer.train_llama_tokenizer`)."""
     return train_llama_tokenizer(_tokenizer_corpus(), vocab_size)
 
 
@@ -1040,7 +1040,7 @@ def _fix_ogg_serial(data: bytes, serial: int) -> bytes:
 def main(argv: Sequence[str] | None = None) -> int:
     """Build tiny (default) or real-width (``--shapes``) assets into OUT_DIR and list the files."""
     parser = argparse.ArgumentParser(
-        prog="python -m tests.assets.make_assets", description=__doc__.split("\n")[0]
+        prog="python -m testkit.make_assets", description=__doc__.split("\n")[0]
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)

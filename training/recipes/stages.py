@@ -8,14 +8,14 @@
 Common to both (the published recipe): batch of ``batch_size`` examples per micro-step, gradient
 accumulation, AdamW (0.9, 0.95) with weight decay on matrices only, linear warm-up then half-cycle
 cosine, loss = next-token cross-entropy on answer tokens + EOS only, optional bf16/fp16 autocast and
-gradient clipping. MERT never runs in the loop: features come from :mod:`training.features`.
+gradient clipping. MERT never runs in the loop: features come from :mod:`training.recipes.features`.
 
 Checkpoints (``<output_dir>/checkpoint-<step>.pth``) are our self-describing format
-(:func:`training.loading.save_checkpoint`): the trained tensors under the published names, the model
+(:func:`training.reference.loading.save_checkpoint`): the trained tensors under the published names, the model
 config, stage, step, optimizer, scheduler and loss-scaler state, RNG states, the data position, the
 loss history and the recipe config. Resuming from one reproduces the uninterrupted run bit for bit
 on CPU in fp32. Each is also a complete model on top of the LLaMA and MERT folders, so
-``training.loading.load_reference`` and ``export.bundle.build_bundle`` take it as is.
+``training.reference.loading.load_reference`` and ``export.build.build_bundle`` take it as is.
 ``checkpoint-last.pth`` (a symlink) names the newest; ``resume=auto`` continues from it.
 
 Several GPUs: launch with ``torchrun --nproc_per_node N -m training pretrain --config ...``; the loop
@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mullama_sdk.errors import CheckpointError, ConfigError
-from training.checkpoint_layout import module_to_published
-from training.config import AdapterDims, DeltaDims, InjectionDims, LlamaParams, MullamaConfig
-from training.data import IGNORE_INDEX, QADataset, clip_paths, collate, encode_pairs, load_qa_json
-from training.features import FeatureCache, update_feature_cache
-from training.loading import (
+from training.recipes.config import RecipeConfig, dump_yaml
+from training.recipes.data import IGNORE_INDEX, QADataset, clip_paths, collate, encode_pairs, load_qa_json
+from training.recipes.features import FeatureCache, update_feature_cache
+from training.reference.checkpoint_layout import module_to_published
+from training.reference.dims import AdapterDims, DeltaDims, InjectionDims, LlamaParams, MullamaConfig
+from training.reference.loading import (
     Checkpoint,
     ModelSources,
     build_model,
@@ -57,10 +58,9 @@ from training.loading import (
     save_checkpoint,
     torch_load,
 )
-from training.mert import read_mert_folder
-from training.model import MullamaModel
-from training.recipe_config import RecipeConfig, dump_yaml
-from training.tokenizer import Tokenizer
+from training.reference.mert import read_mert_folder
+from training.reference.model import MullamaModel
+from training.reference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def fresh_pretrain_checkpoint(cfg: RecipeConfig) -> Checkpoint:
     Kaiming-uniform, RMSNorm weights 1, prefix queries N(0, 1); gates 0 so that the untrained music
     path injects nothing (tanh 0 = 0) and step 0 is the base LLaMA.
     """
-    from training.adapter import MusicAdapter
-    from training.checkpoint_layout import adapter_key_to_published
+    from training.reference.adapter import MusicAdapter
+    from training.reference.checkpoint_layout import adapter_key_to_published
 
     m = cfg.model
     folder = resolve_llama_dir(Path(m.llama_dir))
@@ -202,7 +202,7 @@ def fresh_deltas(src: ModelSources, want: DeltaDims, seed: int) -> dict[str, tor
 
     ``L2 = 0`` and zero biases make the finetune start exactly at the pretrained model.
     """
-    from training.llama import Llama
+    from training.reference.llama import Llama
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Llama(src.config.llama, want).state_dict().items()}

@@ -17,16 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from mullama_sdk import __version__
-from mullama_sdk.bundle import (
-    BUNDLE_FORMAT,
-    BUNDLE_FORMAT_VERSION,
-    ENCODER_PRECISIONS,
-    LLM_QUANTS,
-    MANIFEST_NAME,
-    int8_manifest_entry,
-    parse_manifest,
-    sha256_of,
-)
 from mullama_sdk.constants import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -36,6 +26,16 @@ from mullama_sdk.constants import (
     SAMPLE_RATE_HZ,
 )
 from mullama_sdk.errors import BundleError, ConfigError, DiskFullError
+from mullama_sdk.manifest import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    ENCODER_PRECISIONS,
+    LLM_QUANTS,
+    MANIFEST_NAME,
+    int8_manifest_entry,
+    parse_manifest,
+    sha256_of,
+)
 from mullama_sdk.prompt import DEFAULT_QUESTION, PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def build_bundle(
     Raises:
         BundleError: unwritable/existing output, a failed verification row (with ``strict``; without it,
             when no variant of a kind passed), not enough disk space (:class:`DiskFullError`).
-        CheckpointError, ConfigError: bad inputs (see :func:`training.loading.open_sources`).
+        CheckpointError, ConfigError: bad inputs (see :func:`training.reference.loading.open_sources`).
     """
     from export import safety
     from export.progress import Reporter
@@ -159,12 +159,12 @@ def _export(checkpoint, llama_dir, mert_dir, out: Path, options: BundleOptions, 
 
     from export import safety
     from export.gguf_export import write_gguf
-    from export.music_job import ADAPTER_FP32, ENCODER_FP32, MusicJob, run_in_child
+    from export.music_export import ADAPTER_FP32, ENCODER_FP32, MusicJob, run_in_child
     from export.onnx_precision import convert_fp16, quantize_int8
     from export.progress import seconds_text
     from export.quantize import quantize_gguf
     from export.verify import check_windows, format_table, llm_checks, onnx_checks
-    from training.loading import build_model, open_sources
+    from training.reference.loading import build_model, open_sources
 
     t_start = time.perf_counter()
     with say.step("sources: checkpoint, LLaMA and MERT folders"):

@@ -11,11 +11,11 @@ from torch import nn
 from mullama_sdk.audio import load_audio, window_bounds
 from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.sampling import Sampler
-from training.adapter import MusicAdapter
-from training.config import MullamaConfig
-from training.llama import Llama
-from training.mert import MertEncoder, hubert_config_from_mert
-from training.tokenizer import Tokenizer
+from training.reference.adapter import MusicAdapter
+from training.reference.dims import MullamaConfig
+from training.reference.llama import Llama
+from training.reference.mert import MertEncoder, hubert_config_from_mert
+from training.reference.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Generation:
 class MullamaModel(nn.Module):
     """MERT + music adapter + prefix queries + LLaMA with deltas (spec sections 1-2).
 
-    Build it through :func:`training.loading.load_reference`; the constructor only allocates.
+    Build it through :func:`training.reference.loading.load_reference`; the constructor only allocates.
     """
 
     def __init__(self, config: MullamaConfig) -> None:
@@ -124,7 +124,7 @@ class MullamaModel(nn.Module):
         Greedy when ``temperature`` is 0. Stops at EOS or after ``max_new_tokens``.
         """
         if self.tokenizer is None:
-            raise RuntimeError("no tokenizer attached; build the model with training.loading.load_reference")
+            raise RuntimeError("no tokenizer attached; build the model with training.reference.loading.load_reference")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         sampler = Sampler(temperature, top_p, seed)

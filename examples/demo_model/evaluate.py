@@ -1,13 +1,13 @@
 """``make demo-eval``: how well the demo bundle describes held-out music, against honest baselines.
 
-    python -m examples.demo_eval [--bundle examples/demo_bundle] [--data DIR] [--limit N]
+    python -m examples.demo_model.evaluate [--bundle examples/demo_bundle] [--data DIR] [--limit N]
 
 Runs the SDK exactly as a user would (ONNX Runtime encoder, llama.cpp with the music hook, greedy) on every
 held-out clip of the demo data (pieces never seen in training; rendered first if ``--data`` has none):
 
 * **instrument family**: the caption for "Describe the audio" names a family when it contains one of that
-  family's words (:data:`examples.demo_data.FAMILIES`); the first family named counts
-  (:func:`examples.demo_data.first_mentioned`). Chance = 1 / number
+  family's words (:data:`examples.demo_model.data.FAMILIES`); the first family named counts
+  (:func:`examples.demo_model.data.first_mentioned`). Chance = 1 / number
   of families; the target is at least 3x chance.
 * **tempo**: the answer to "What is the tempo of this music?" names a tempo class (its first class word
   counts). The baseline is the majority-class guess: always answering the training split's most frequent
@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = ROOT / "examples" / "demo_bundle"
 DEFAULT_DATA = ROOT / ".demo_work" / "data"
 CAPTION_QUESTION = "Describe the audio"
@@ -51,7 +51,7 @@ def p_at_least(hits: int, n: int, rate: float) -> float:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m examples.demo_eval", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m examples.demo_model.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="demo data folder (rendered if missing)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N held-out clips")
@@ -59,7 +59,13 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, default=6, help="print this many example captions")
     args = ap.parse_args(argv)
 
-    from examples.demo_data import FAMILIES, TEMPO_CLASSES, TEMPO_WORDS, build_demo_data, first_mentioned
+    from examples.demo_model.data import (
+        FAMILIES,
+        TEMPO_CLASSES,
+        TEMPO_WORDS,
+        build_demo_data,
+        first_mentioned,
+    )
     from mullama_sdk import Captioner
 
     if not (args.bundle / "mullama.json").is_file():       # before minutes of rendering
@@ -116,7 +122,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from examples.cli import run_main
+    from examples.demo_model.cli import run_main
 
     return run_main(_main, argv)
 

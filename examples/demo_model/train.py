@@ -1,24 +1,24 @@
 """Rebuild the demo model from nothing: data -> encoder -> LM -> MU-LLaMA pretrain -> finetune -> bundle.
 
-    python -m examples.demo_train [--work DIR] [--bundle examples/demo_bundle] [--from STAGE]
+    python -m examples.demo_model.train [--work DIR] [--bundle examples/demo_bundle] [--from STAGE]
 
 Stages (each writes the files the next one reads, in the formats of the real model):
 
-1. ``data``: :mod:`examples.demo_data` renders clips from music21's corpus through fluidsynth and writes
+1. ``data``: :mod:`examples.demo_model.data` renders clips from music21's corpus through fluidsynth and writes
    MusicQA JSON (train / held-out split by piece).
-2. ``encoder``: :mod:`examples.demo_encoder`, a small HuBERT (= MERT architecture) trained supervised on the
+2. ``encoder``: :mod:`examples.demo_model.encoder`, a small HuBERT (= MERT architecture) trained supervised on the
    training split's facts, written as an HF MERT folder. *Differs from MU-LLaMA*, whose MERT-v1-330M was
    pretrained self-supervised on 160k hours and is downloaded, not trained.
-3. ``lm``: :mod:`examples.demo_lm`, a SentencePiece tokenizer and a 4-layer LLaMA trained from scratch on
+3. ``lm``: :mod:`examples.demo_model.lm`, a SentencePiece tokenizer and a 4-layer LLaMA trained from scratch on
    the training answers *together with* the music path (adapter, prefix queries, gates), written as a Meta
    LLaMA folder + a pretrain-stage checkpoint. *Differs from MU-LLaMA*, which starts from LLaMA-2-7B and
    trains the music path only on the frozen LLaMA (the module's docstring says why, with the measurement).
-4. ``pretrain``: MU-LLaMA's pretrain stage with :class:`training.recipes.PretrainRecipe`
+4. ``pretrain``: MU-LLaMA's pretrain stage with :class:`training.recipes.stages.PretrainRecipe`
    (``examples/demo_configs/pretrain.yaml``), starting from stage 3's music path: adapter, prefix queries
    and gates; encoder and LM frozen.
-5. ``finetune``: MU-LLaMA's finetune stage with :class:`training.recipes.FinetuneRecipe`
+5. ``finetune``: MU-LLaMA's finetune stage with :class:`training.recipes.stages.FinetuneRecipe`
    (``examples/demo_configs/finetune.yaml``): LM norms, biases and LoRA; adapter frozen.
-6. ``export``: :func:`export.bundle.build_bundle`, verified against torch, into ``--bundle``.
+6. ``export``: :func:`export.build.build_bundle`, verified against torch, into ``--bundle``.
 
 Reproducible: the same seed gives byte-identical bundle files on the same CPU type and torch / onnx /
 llama.cpp versions (2 torch threads are fixed because the summation order of a matrix product depends on
@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = ROOT / "examples" / "demo_bundle"
 DEFAULT_WORK = ROOT / ".demo_work"
 CONFIGS = ROOT / "examples" / "demo_configs"
@@ -71,8 +71,8 @@ class Budget:
 
 
 def _recipe(stage: str, work: Path, overrides: list[str]):
-    from training.recipe_config import load_recipe_config
-    from training.recipes import FinetuneRecipe, PretrainRecipe
+    from training.recipes.config import load_recipe_config
+    from training.recipes.stages import FinetuneRecipe, PretrainRecipe
 
     cfg = load_recipe_config(CONFIGS / f"{stage}.yaml", [
         f"output_dir={work / 'runs' / stage}",
@@ -113,13 +113,13 @@ def run(work: Path, bundle: Path, first: str = "data", seed: int = 0, budget: Bu
         seconds[name] = time.perf_counter() - seconds[name]
 
     if stage("data"):
-        from examples.demo_data import build_demo_data
+        from examples.demo_model.data import build_demo_data
 
         shutil.rmtree(work / "data", ignore_errors=True)
         build_demo_data(work / "data", seed=seed, progress=lambda m: print("  " + m, flush=True), **budget.data)
         done("data")
     if stage("encoder"):
-        from examples.demo_encoder import EncoderTraining, train_encoder
+        from examples.demo_model.encoder import EncoderTraining, train_encoder
 
         shutil.rmtree(work / "mert", ignore_errors=True)
         enc_cfg = EncoderTraining(seed=seed)
@@ -133,7 +133,7 @@ def run(work: Path, bundle: Path, first: str = "data", seed: int = 0, budget: Bu
               + ", ".join(f"{k} {v:.2f}" for k, v in res.heldout_accuracy.items()))
         done("encoder")
     if stage("lm"):
-        from examples.demo_lm import LmTraining, train_lm
+        from examples.demo_model.lm import LmTraining, train_lm
 
         for stale in ("llama", "features", "runs"):
             shutil.rmtree(work / stale, ignore_errors=True)
@@ -155,7 +155,7 @@ def run(work: Path, bundle: Path, first: str = "data", seed: int = 0, budget: Bu
                                    *budget.recipe_overrides])
         done("finetune")
     if stage("export"):
-        from export.bundle import BundleOptions, build_bundle
+        from export.build import BundleOptions, build_bundle
 
         checkpoint = (work / "runs" / "finetune" / "checkpoint-last.pth").resolve()
         options = BundleOptions(quants=BUNDLE_QUANTS, encoder_precisions=BUNDLE_PRECISIONS, overwrite=True)
@@ -176,7 +176,7 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m examples.demo_train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m examples.demo_model.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch folder for the stages' outputs")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--from", dest="first", choices=STAGES, default="data",
@@ -214,7 +214,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from examples.cli import run_main
+    from examples.demo_model.cli import run_main
 
     return run_main(_main, argv)
 

@@ -7,7 +7,7 @@ fluidsynth with the FluidR3 General MIDI soundfont, on several instrument famili
 with drums on some, and writes MusicQA-format JSON whose captions and answers are templated from the
 known facts of each clip::
 
-    python -m examples.demo_data OUT [--seed N] [--pieces N] [--renderings N] [--jobs N] [--overwrite]
+    python -m examples.demo_model.data OUT [--seed N] [--pieces N] [--renderings N] [--jobs N] [--overwrite]
                                      [--examples DIR [--n-examples N]]
 
 Output folder ``OUT`` (assembled in a temporary sibling folder and renamed at the end)::
@@ -1193,7 +1193,7 @@ def check_split(clips: Sequence[ClipFacts]) -> None:
 
 
 #: Where the committed example clips live (``make demo`` captions them).
-EXAMPLE_CLIPS_DIR = Path(__file__).resolve().parent / "clips"
+EXAMPLE_CLIPS_DIR = Path(__file__).resolve().parents[1] / "clips"
 #: Families of the example clips, most contrasting first.
 EXAMPLE_FAMILIES = ("piano", "strings", "choir", "brass", "woodwind", "organ", "guitar")
 
@@ -1219,8 +1219,8 @@ def write_example_clips(data: DemoData, dest: Path, n: int = 4) -> list[Path]:
     paths = []
     lines = ["# Example clips",
              "",
-             "Held-out clips of the demo data set, copied by `examples.demo_data.write_example_clips`",
-             f"(`python -m examples.demo_data OUT --examples examples/clips --n-examples {n}`, default seed):",
+             "Held-out clips of the demo data set, copied by `examples.demo_model.data.write_example_clips`",
+             f"(`python -m examples.demo_model.data OUT --examples examples/clips --n-examples {n}`, default seed):",
              "real scores of music21's corpus rendered with fluidsynth and the FluidR3 GM soundfont; 5 s,",
              "24 kHz mono 16-bit. The demo model never saw these pieces in training. Their facts, as",
              "`clips.json` records them:",
@@ -1257,7 +1257,7 @@ def summary(data: DemoData) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m examples.demo_data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m examples.demo_model.data", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="folder to create")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pieces", type=int, default=None, help=f"number of pieces (default all {len(PIECES)})")

@@ -1,6 +1,6 @@
 """Audio -> music vectors with ONNX Runtime: the encoder graph per window, then the adapter graph.
 
-Graph interfaces (fixed by the export, see :mod:`mullama_sdk.bundle`):
+Graph interfaces (fixed by the export, see :mod:`mullama_sdk.manifest`):
 encoder ``waveform (1, n) f32 -> state_means (n_states, mert_dim) f32, n_frames i64``;
 adapter ``state_means (n_states, mert_dim) -> injection (n_inject, n_embd), music_query (n_embd,)``.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mullama_sdk.bundle import ADAPTER_INPUTS, ADAPTER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from mullama_sdk.errors import BackendUnavailableError, BundleError
+from mullama_sdk.manifest import ADAPTER_INPUTS, ADAPTER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 
 log = logging.getLogger(__name__)
 

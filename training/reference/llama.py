@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.adapter import RMSNorm
-from training.config import DeltaDims, LlamaParams
+from training.reference.adapter import RMSNorm
+from training.reference.dims import DeltaDims, LlamaParams
 
 _ATTN_PROJ = ("wq", "wk", "wv", "wo")
 _FFN_PROJ = ("w1", "w2", "w3")

@@ -2,7 +2,7 @@
 
 Answers come from the torch reference (``--checkpoint`` + ``--llama-dir`` + ``--mert-dir``), from an
 exported bundle through the SDK (``--bundle``), or from a file of earlier answers
-(``--predictions``). Scores are reported in two labelled modes (see :mod:`training.metrics`):
+(``--predictions``). Scores are reported in two labelled modes (see :mod:`training.evaluation.metrics`):
 ``compat`` (the published scorer's conventions) and ``standard``, each next to a random-audio
 control (the same answers against the references of other clips) so that one sees whether the
 model listens. Text-only items are answered with one second of silence, as in training.
@@ -24,7 +24,7 @@ from typing import Any
 
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError, MullamaError
-from training.data import QAPair, clip_paths, load_qa_json, silence
+from training.recipes.data import QAPair, clip_paths, load_qa_json, silence
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ Answerer = Callable[[Path | None, str], str]
 
 def reference_answerer(model, *, max_new_tokens: int, temperature: float, top_p: float,
                        seed: int | None) -> Answerer:
-    """Answers from a :class:`training.model.MullamaModel` (the torch reference)."""
+    """Answers from a :class:`training.reference.model.MullamaModel` (the torch reference)."""
 
     def answer(audio: Path | None, question: str) -> str:
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -89,7 +89,7 @@ def read_predictions(path: Path, pairs: Sequence[QAPair]) -> list[dict[str, Any]
 def evaluate(records: Sequence[dict[str, Any]], *, control_seed: int = 0, bertscore_model: str | None = None,
              bertscore_layers: int | None = None) -> dict[str, Any]:
     """Score prediction records (both modes + random-audio control)."""
-    from training.metrics import score_with_control
+    from training.evaluation.metrics import score_with_control
 
     return score_with_control([r["prediction"] for r in records], [r["reference"] for r in records],
                               seed=control_seed, bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 records = generate_answers(pairs, audio_dir, bundle_answerer(cap, **kw), progress=not args.no_progress)
             source = f"bundle {args.bundle}"
         else:
-            from training.loading import load_reference
+            from training.reference.loading import load_reference
 
             model = load_reference(args.checkpoint, args.llama_dir, args.mert_dir, trust_pickle=args.trust_checkpoint)
             records = generate_answers(pairs, audio_dir, reference_answerer(model, **kw), progress=not args.no_progress)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report.update({"data": str(args.data), "answers_from": source, "generation": kw,
                    "generation_seconds": round(gen_s, 2)})
-    from training.metrics import format_report
+    from training.evaluation.metrics import format_report
 
     print(f"{len(records)} QA pairs from {args.data}; answers from {source}")
     print(format_report(report))

@@ -40,8 +40,8 @@ import torch
 from mullama_sdk.audio import iter_windows
 from mullama_sdk.constants import MAX_WINDOW_SECONDS, SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError, MullamaError
-from training.data import SILENCE_SECONDS, silence
-from training.mert import MertEncoder
+from training.recipes.data import SILENCE_SECONDS, silence
+from training.reference.mert import MertEncoder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def clip_state_means(
     """Frame-weighted mean over encoder windows of MERT's per-state time means, and the frame count.
 
     The same windows as the runtime (:func:`mullama_sdk.audio.iter_windows`) and the same arithmetic
-    as :meth:`training.model.MullamaModel.state_means` (float64 accumulation).
+    as :meth:`training.reference.model.MullamaModel.state_means` (float64 accumulation).
 
     Returns:
         ``(n_states, mert_dim)`` float32 and the total number of MERT frames.
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_mert(mert_dir: Path, *, trust_pickle: bool = False) -> MertEncoder:
     """A frozen MERT from a MERT folder (config.json + weights), in eval mode."""
-    from training.loading import _read_mert_weights
-    from training.mert import hubert_config_from_mert, read_mert_folder
+    from training.reference.loading import _read_mert_weights
+    from training.reference.mert import hubert_config_from_mert, read_mert_folder
 
     raw, do_normalize = read_mert_folder(Path(mert_dir))
     mert = MertEncoder(hubert_config_from_mert(raw, source=str(mert_dir)), do_normalize=do_normalize)
@@ -309,7 +309,7 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from training.data import clip_paths, load_qa_json
+    from training.recipes.data import clip_paths, load_qa_json
 
     try:
         clips: dict[str, Path | None] = {}

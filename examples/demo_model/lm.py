@@ -1,11 +1,11 @@
 """Stage 2 of the demo model: a tiny LLaMA-architecture LM, its tokenizer, and a warm start of the music path.
 
 Stand-in for LLaMA-2-7B, which cannot be downloaded here. The tokenizer is a SentencePiece BPE model with
-LLaMA's conventions (:func:`training.tokenizer.train_llama_tokenizer`) trained on the prompt and the
+LLaMA's conventions (:func:`training.reference.tokenizer.train_llama_tokenizer`) trained on the prompt and the
 training split's answers. The LM (:data:`LM_DIMS`, Meta's architecture: RMSNorm, SwiGLU, interleaved RoPE)
 is trained from scratch on every training-split question/answer pair as ``[BOS] + prompt(Q) + A + [EOS]``
 with the loss on ``A + EOS`` (MU-LLaMA's sequences), **together with the music path**: MU-LLaMA's adapter,
-prefix queries and gates (:class:`training.model.MullamaModel`, :class:`training.recipes.TrainForward`) on
+prefix queries and gates (:class:`training.reference.model.MullamaModel`, :class:`training.recipes.stages.TrainForward`) on
 the frozen demo encoder's cached features.
 
 Why together (the main difference from MU-LLaMA's recipe): LLaMA-2 arrives with rich representations that a
@@ -36,15 +36,22 @@ import torch
 from torch import nn
 
 from mullama_sdk.prompt import format_prompt
-from training.checkpoint_layout import module_to_published
-from training.config import AdapterDims, DeltaDims, InjectionDims, LlamaParams, MullamaConfig, ffn_hidden_dim
-from training.data import QADataset, clip_paths, collate, encode_pairs, load_qa_json
-from training.features import FeatureCache, load_mert, update_feature_cache
-from training.loading import save_checkpoint
-from training.mert import read_mert_folder
-from training.model import MullamaModel
-from training.recipes import TrainForward, WarmupCosine, decays, saved_names
-from training.tokenizer import Tokenizer, train_llama_tokenizer
+from training.recipes.data import QADataset, clip_paths, collate, encode_pairs, load_qa_json
+from training.recipes.features import FeatureCache, load_mert, update_feature_cache
+from training.recipes.stages import TrainForward, WarmupCosine, decays, saved_names
+from training.reference.checkpoint_layout import module_to_published
+from training.reference.dims import (
+    AdapterDims,
+    DeltaDims,
+    InjectionDims,
+    LlamaParams,
+    MullamaConfig,
+    ffn_hidden_dim,
+)
+from training.reference.loading import save_checkpoint
+from training.reference.mert import read_mert_folder
+from training.reference.model import MullamaModel
+from training.reference.tokenizer import Tokenizer, train_llama_tokenizer
 
 #: The demo LM's shape, in the words of Meta's params.json (LLaMA-2-7B: 4096, 32 layers, 32 heads, 256).
 LM_DIMS = {"dim": 128, "n_layers": 4, "n_heads": 4, "multiple_of": 128, "norm_eps": 1e-5}

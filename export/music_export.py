@@ -4,7 +4,7 @@ outputs that the checks compare every ONNX variant with - in this process, or in
 Why a child: the torch model (MERT + adapter, 4 GB float32 at real size), what the ONNX exporter keeps
 referenced after exporting it and the checkpoint pages it touched stay resident in the exporting process
 (deleting the model freed ~1 GB of them, measured), and would sit under int8 quantization's own peak. A
-child gives all of it back when it exits. It is a fresh interpreter (``python -m export.music_job``), not
+child gives all of it back when it exits. It is a fresh interpreter (``python -m export.music_export``), not
 a multiprocessing worker, so a caller's script needs no ``if __name__ == "__main__"`` guard; the job and
 the result (or the exception's type and message, re-raised in the parent) travel as JSON and .npz files in
 the bundle's temporary folder.
@@ -28,15 +28,15 @@ from mullama_sdk.errors import BundleError, DiskFullError
 #: The float32 graphs :meth:`MusicJob.run` writes (the other precisions are made from them).
 ENCODER_FP32 = "encoder.fp32.onnx"
 ADAPTER_FP32 = "adapter.fp32.onnx"
-_JOB = ".music_job.json"
-_WINDOWS = ".music_job.windows.npz"
-_RESULT = ".music_job.result.npz"
-_ERROR = ".music_job.error.json"
+_JOB = ".music_export.json"
+_WINDOWS = ".music_export.windows.npz"
+_RESULT = ".music_export.result.npz"
+_ERROR = ".music_export.error.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class MusicJob:
-    """Inputs of :meth:`run`: the sources as :func:`training.loading.open_sources` takes them (paths), the
+    """Inputs of :meth:`run`: the sources as :func:`training.reference.loading.open_sources` takes them (paths), the
     folder for the two graphs, the check windows and torch's thread count (the same arithmetic in a child
     as in the parent)."""
 
@@ -55,7 +55,7 @@ class MusicJob:
 
         from export.onnx_export import export_adapter, export_encoder
         from export.verify import onnx_reference
-        from training.loading import build_music_model, open_sources
+        from training.reference.loading import build_music_model, open_sources
 
         torch.set_num_threads(self.torch_threads)
         src = open_sources(self.checkpoint, self.llama_dir, self.mert_dir, trust_pickle=self.trust_pickle)
@@ -158,7 +158,7 @@ def run_in_child(job: MusicJob):
             job_path = _save_job(job)
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.Popen([sys.executable, "-m", "export.music_job", str(job_path), str(os.getpid())],
+        proc = subprocess.Popen([sys.executable, "-m", "export.music_export", str(job_path), str(os.getpid())],
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, encoding="utf-8", errors="replace")
         with safety.on_emergency(proc.kill):

@@ -1,0 +1,1 @@
+"""``mullama-train eval``: answers to MusicQA-format questions, scored in two labelled metric modes."""
