@@ -26,6 +26,7 @@ from mullama_sdk.constants import (
     SAMPLE_RATE_HZ,
 )
 from mullama_sdk.errors import BundleError, ConfigError, DiskFullError
+from mullama_sdk.files import sha256_file
 from mullama_sdk.manifest import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
@@ -34,7 +35,6 @@ from mullama_sdk.manifest import (
     MANIFEST_NAME,
     int8_manifest_entry,
     parse_manifest,
-    sha256_of,
 )
 from mullama_sdk.prompt import DEFAULT_QUESTION, PROMPT_TEMPLATE
 
@@ -424,7 +424,7 @@ def _manifest(cfg, src, encoders, adapters, llms, options: BundleOptions, notes,
             st = path.stat()
             cached = digests.get(path.name)
             if cached is None or cached[:2] != (st.st_size, st.st_mtime_ns):
-                cached = digests[path.name] = (st.st_size, st.st_mtime_ns, sha256_of(path))
+                cached = digests[path.name] = (st.st_size, st.st_mtime_ns, sha256_file(path))
             files[path.name] = {"size": st.st_size, "sha256": cached[2]}
     p = cfg.llama
     default_prec = options.default_encoder_precision or (

@@ -173,7 +173,8 @@ def _trt(args, say) -> int:
 
 def _verify(args, say) -> int:
     from export.build import _check_inputs
-    from mullama_sdk.manifest import check_files, load_manifest
+    from mullama_sdk.bundle_files import check_files
+    from mullama_sdk.manifest import load_manifest
 
     # Cheap checks first (the bundle, its files, the input paths), then the heavy imports.
     manifest = load_manifest(args.bundle)

@@ -24,17 +24,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mullama_sdk.bundle_files import check_files, safe_member
 from mullama_sdk.cpu import INT8_SCHEME
 from mullama_sdk.errors import BundleError
-from mullama_sdk.manifest import (
-    MANIFEST_NAME,
-    check_files,
-    int8_manifest_entry,
-    load_manifest,
-    parse_manifest,
-    safe_member,
-    sha256_of,
-)
+from mullama_sdk.files import sha256_file
+from mullama_sdk.manifest import MANIFEST_NAME, int8_manifest_entry, load_manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +142,7 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         for name in sorted(replaced):
             path = stage / name
             if path.is_file():
-                files[name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+                files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         raw["files"] = dict(sorted(files.items()))
         raw.setdefault("quantization", {})["int8"] = int8_manifest_entry(INT8_SCHEME)
         raw.setdefault("verification", {}).update({c.name: c.to_dict() for c in checks})

@@ -40,19 +40,18 @@ from pathlib import Path
 from typing import Any
 
 from mullama_sdk import encoder_trt
+from mullama_sdk.bundle_files import check_files, safe_member
 from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.encoder_trt import INSTALL_HINT, GpuInfo, trt_logger
 from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
+from mullama_sdk.files import sha256_file
 from mullama_sdk.manifest import (
     MANIFEST_NAME,
     TRT_PRECISIONS,
     TrtEngines,
     WaveformProfile,
-    check_files,
     load_manifest,
     parse_manifest,
-    safe_member,
-    sha256_of,
 )
 
 log = logging.getLogger(__name__)
@@ -291,7 +290,7 @@ def _update_manifest(bundle: Path, entry: TrtEngines, checks) -> None:
     raw = json.loads(path.read_text(encoding="utf-8"))
     for name in (entry.encoder, entry.adapter):
         f = bundle / name
-        raw["files"][name] = {"size": f.stat().st_size, "sha256": sha256_of(f)}
+        raw["files"][name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     raw.setdefault("trt", {})[entry.precision] = entry.to_dict()
     raw.setdefault("verification", {}).update({c.name: c.to_dict() for c in checks})
     raw.setdefault("versions", {})["tensorrt"] = entry.tensorrt_version

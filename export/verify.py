@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from mullama_sdk.audio import load_audio, window_bounds
+from mullama_sdk.bundle_files import safe_member
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.cpu import INT8_WEIGHT_LIMIT
-from mullama_sdk.manifest import Manifest, safe_member
+from mullama_sdk.manifest import Manifest
 from mullama_sdk.prompt import CAPTION_QUESTIONS
 
 #: (max relative error, min cosine) per graph and precision; relative = max|x - y| / max|y|.

@@ -25,18 +25,10 @@ from typing import Any
 import numpy as np
 
 from mullama_sdk.audio import iter_windows
+from mullama_sdk.bundle_files import check_files, check_gguf_dims, safe_member
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES
 from mullama_sdk.errors import AudioError, BundleError, ContextLengthError
-from mullama_sdk.manifest import (
-    ENCODER_PRECISIONS,
-    LLM_QUANTS,
-    Manifest,
-    check_files,
-    check_gguf_dims,
-    failed_verification,
-    load_manifest,
-    safe_member,
-)
+from mullama_sdk.manifest import ENCODER_PRECISIONS, LLM_QUANTS, Manifest, failed_verification, load_manifest
 from mullama_sdk.sampling import Sampler
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mullama_sdk import encoder_trt
+from mullama_sdk.bundle_files import safe_member
 from mullama_sdk.cpu import INT8_SCHEMES, LEGACY_INT8_SCHEME, int8_kernel
 from mullama_sdk.errors import BackendUnavailableError, BundleError
-from mullama_sdk.manifest import ENCODER_PRECISIONS, Manifest, TrtEngines, safe_member
+from mullama_sdk.manifest import ENCODER_PRECISIONS, Manifest, TrtEngines
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class EncoderChoice:
         return self.backend == "tensorrt" or self.providers[0] == _CUDA
 
     def files(self, manifest: Manifest) -> list[str]:
-        """Bundle files this choice loads (for :func:`~mullama_sdk.manifest.check_files`)."""
+        """Bundle files this choice loads (for :func:`~mullama_sdk.bundle_files.check_files`)."""
         names = [manifest.encoder[self.onnx_precision], manifest.adapter[self.onnx_precision]]
         names += [f for f in manifest.files if f.endswith(".data") and any(f.startswith(x) for x in names)]
         if self.trt is not None:

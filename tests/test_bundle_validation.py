@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mullama_sdk import BundleError, Captioner
-from mullama_sdk.manifest import MANIFEST_NAME, load_manifest, safe_member
+from mullama_sdk.bundle_files import safe_member
+from mullama_sdk.manifest import MANIFEST_NAME, load_manifest
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ CLIPS = ROOT / "examples" / "clips"
 
 def test_committed_bundle_is_valid_and_under_budget():
     from examples.demo_model.train import MAX_BUNDLE_MB
-    from mullama_sdk.manifest import check_files, load_manifest
+    from mullama_sdk.bundle_files import check_files
+    from mullama_sdk.manifest import load_manifest
 
     manifest = load_manifest(BUNDLE)
     raw = json.loads((BUNDLE / "mullama.json").read_text())

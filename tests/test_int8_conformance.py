@@ -26,10 +26,11 @@ import pytest
 import mullama_sdk.encoder_backend as encoder_backend
 from export.onnx_precision import META_INT8_SCHEME, int8_weight_limit, quantize_int8
 from export.requantize import requantize_bundle
+from mullama_sdk.bundle_files import check_files
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.cpu import INT8_SCHEME, INT8_WEIGHT_LIMIT, LEGACY_INT8_SCHEME, Int8Kernel, int8_kernel
 from mullama_sdk.errors import BundleError
-from mullama_sdk.manifest import MANIFEST_NAME, check_files, load_manifest
+from mullama_sdk.manifest import MANIFEST_NAME, load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "examples" / "demo_bundle"
@@ -47,14 +48,14 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def _legacy_copy(bundle: Path, dest: Path) -> Path:
     """A copy of ``bundle`` as an older exporter wrote it: full-range int8 graphs, no recorded scheme."""
-    from mullama_sdk.manifest import sha256_of
+    from mullama_sdk.files import sha256_file
 
     shutil.copytree(bundle, dest)
     raw = json.loads((dest / MANIFEST_NAME).read_text())
     for graph in ("encoder", "adapter"):
         quantize_int8(dest / raw[graph]["fp32"], dest / raw[graph]["int8"], reduce_range=False)
         name = raw[graph]["int8"]
-        raw["files"][name] = {"size": (dest / name).stat().st_size, "sha256": sha256_of(dest / name)}
+        raw["files"][name] = {"size": (dest / name).stat().st_size, "sha256": sha256_file(dest / name)}
     raw.pop("quantization", None)
     (dest / MANIFEST_NAME).write_text(json.dumps(raw, indent=2))
     return dest

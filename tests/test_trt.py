@@ -28,7 +28,8 @@ from mullama_sdk import encoder_backend, encoder_trt
 from mullama_sdk.encoder_backend import choose_encoder_backend
 from mullama_sdk.encoder_trt import GpuInfo, TensorRTMusicEncoder, engine_incompatibility
 from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
-from mullama_sdk.manifest import MANIFEST_NAME, TrtEngines, WaveformProfile, parse_manifest, sha256_of
+from mullama_sdk.files import sha256_file
+from mullama_sdk.manifest import MANIFEST_NAME, TrtEngines, WaveformProfile, parse_manifest
 
 ROOT = Path(__file__).parents[1]
 SR = 24_000
@@ -656,7 +657,7 @@ def bundle_with_fake_engines(tiny_bundle, tmp_path) -> Path:
         for g in ("encoder", "adapter"):
             f = dst / f"{g}.trt.{p}.engine"
             f.write_bytes(b"not an engine")
-            raw["files"][f.name] = {"size": f.stat().st_size, "sha256": sha256_of(f)}
+            raw["files"][f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         raw.setdefault("trt", {})[p] = _trt_entry(p, cc="9.0")
     (dst / MANIFEST_NAME).write_text(json.dumps(raw))
     return dst
@@ -762,7 +763,8 @@ def test_export_verify_and_run_on_stand_in(tiny_bundle, tmp_path, fake_trt, monk
     from export.cli import main
     from export.verify import trt_checks
     from mullama_sdk import Captioner
-    from mullama_sdk.manifest import check_files, load_manifest
+    from mullama_sdk.bundle_files import check_files
+    from mullama_sdk.manifest import load_manifest
 
     rt = fake_trt[0]
     monkeypatch.setattr(encoder_trt, "cuda_device", lambda index=0: GPU_86)
@@ -856,7 +858,8 @@ def trt_bundle(tiny_bundle, tmp_path_factory):
 def test_gpu_manifest_records_the_engines(trt_bundle):
     import tensorrt
 
-    from mullama_sdk.manifest import check_files, load_manifest
+    from mullama_sdk.bundle_files import check_files
+    from mullama_sdk.manifest import load_manifest
 
     m = load_manifest(trt_bundle)
     gpu = encoder_trt.cuda_device()
