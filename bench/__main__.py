@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
+from bench.report import assemble, markdown_table, write_section
 
-from bench.report import assemble, markdown_table, write_section  # noqa: E402
+HERE = Path(__file__).parent
 
 #: Run order and the order of the sections in RESULTS.md; benchmarks not listed run afterwards.
 ORDER = ["hook_overhead", "bandwidth", "encoder", "scaling", "scaling_batch", "memory", "gguf_memory",

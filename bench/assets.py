@@ -39,9 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,8 @@ def shape_assets(n_layers: int = 4, *, mert_layers: int = 24, seed: int = 0):
     Returns:
         ``testkit.make_assets.ShapeAssets`` of the cached folder.
     """
-    from testkit.make_assets import ShapeAssets, _real_dims, build_shape_assets
+    from testkit.asset_dims import real_dims
+    from testkit.make_assets import ShapeAssets, build_shape_assets
 
     def build(tmp: Path) -> None:
         _say(f"building real-width sources: LLaMA 4096 x {n_layers} layers, MERT 1024 x {mert_layers} layers "
@@ -122,7 +121,7 @@ def shape_assets(n_layers: int = 4, *, mert_layers: int = 24, seed: int = 0):
     root = _cached_dir(_assets_key(n_layers, mert_layers, seed), build)
     return ShapeAssets(root=root, llama_dir=root / "llama", mert_dir=root / "mert",
                        checkpoint=root / "checkpoint.pth", checkpoint_deltas=root / "checkpoint_deltas.pth",
-                       dims=_real_dims(n_layers, mert_layers))
+                       dims=real_dims(n_layers, mert_layers))
 
 
 # ------------------------------------------------------------------------------------------------ bundles
@@ -140,8 +139,9 @@ def shape_bundle(
     :func:`export.build.build_bundle` peaks at 12.8 GB on these sources (its automatic llama.cpp check holds
     the whole float32 torch model beside an f32 GGUF; before the music export moved to a child process it was
     15.7 GB), too much beside other jobs. Here the same functions run in separate processes - ONNX fp32 export
-    (``export_encoder`` / ``export_adapter``), each ``quantize_int8`` / ``convert_fp16``, the GGUF
-    (``write_gguf`` + ``quantize_gguf``), the manifest (``export.build``'s own writer) - so the peak is
+    (``export.music_export.write_fp32_graphs``), each ``export.build.convert_onnx_variant``, the GGUF
+    (``write_gguf`` + ``quantize_gguf`` from ``export.sizes.base_gguf_type``), the manifest
+    (``export.bundle_layout.bundle_manifest``, written by ``mullama_sdk.manifest.write_manifest``) - so the peak is
     the largest single step (``quantize_int8`` of the adapter, ~8.5 GB, once). The torch comparison is
     skipped (noted in the manifest). Finished steps survive an interruption and are not redone.
 
@@ -169,7 +169,7 @@ def shape_bundle(
         for p in encoder_precisions:
             for g in ("encoder", "adapter"):
                 if p != "fp32" and not (work / f"{g}.{p}.onnx").is_file():
-                    _step(p, str(work / f"{g}.fp32.onnx"), str(work / f"{g}.{p}.onnx"))
+                    _step(p, str(work), g)
         if not all((work / f"llm.{q}.gguf").is_file() for q in quants):
             _step("gguf", *sources, str(work), ",".join(quants), str(threads or 0))
         _step("manifest", *sources, str(work), ",".join(quants), ",".join(encoder_precisions))
@@ -181,63 +181,51 @@ def shape_bundle(
 def _step(name: str, *args: str) -> None:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bench.assets", "--step", name, *args], cwd=ROOT, check=True)
-    _say(f"  step {name} {Path(args[-1]).name if name in ('int8', 'fp16') else ''} "
+    _say(f"  step {name} {args[-1] if name in ('int8', 'fp16') else ''} "
          f"{time.perf_counter() - t0:.0f} s")
 
 
 def _run_step(name: str, args: list[str]) -> None:
-    """One bundle-building step (runs in its own process)."""
+    """One bundle-building step (runs in its own process), each a stage or a rule of
+    :func:`export.build.build_bundle`, so that these bundles hold what an export would."""
     if name in ("int8", "fp16"):
-        from export.onnx_precision import convert_fp16, quantize_int8
+        from export.build import convert_onnx_variant
 
-        (quantize_int8 if name == "int8" else convert_fp16)(Path(args[0]), Path(args[1]))
+        convert_onnx_variant(Path(args[0]), args[1], name)
         return
-    from training.reference.loading import open_sources
+    from training.reference.model_sources import open_sources
 
     checkpoint, llama_dir, mert_dir, out = (Path(a) for a in args[:4])
     src = open_sources(checkpoint, llama_dir, mert_dir)
     if name == "onnx-fp32":
-        from export.onnx_export import export_adapter, export_encoder
-        from training.reference.loading import build_music_model
+        from export.music_export import write_fp32_graphs
+        from training.reference.build import build_music_model
 
-        music = build_music_model(src)
-        export_encoder(music, out / "encoder.fp32.onnx")
-        export_adapter(music, out / "adapter.fp32.onnx")
+        write_fp32_graphs(build_music_model(src), out)
     elif name == "gguf":
-        from export.build import AUTO_VERIFY_LLM_MAX_PARAMS, _llama_params
+        from export.bundle_layout import gguf_file
         from export.gguf_export import write_gguf
         from export.quantize import quantize_gguf
+        from export.sizes import base_gguf_type
 
         quants, threads = args[4].split(","), int(args[5]) or None
-        # The base precision build_bundle picks: f32 below its automatic-verification size, else f16.
-        base_type = "f32" if "f32" in quants or _llama_params(src.config) < AUTO_VERIFY_LLM_MAX_PARAMS else "f16"
-        base = out / f"llm.{base_type}.gguf"
+        base_type = base_gguf_type(src.config, quants)  # the base GGUF build_bundle writes and quantizes from
+        base = out / gguf_file(base_type)
         if not base.is_file():
             write_gguf(src, base, file_type=base_type)
         for q in quants:
-            if q != base_type and not (out / f"llm.{q}.gguf").is_file():
-                quantize_gguf(base, out / f"llm.{q}.gguf", q, nthread=threads)
-        if base_type not in quants:
-            base.unlink()
+            if q != base_type and not (out / gguf_file(q)).is_file():
+                quantize_gguf(base, out / gguf_file(q), q, nthread=threads)
     elif name == "manifest":
-        import json
+        from export.bundle_layout import bundle_manifest, drop_intermediates
+        from export.sizes import base_gguf_type
+        from mullama_sdk.manifest import write_manifest
 
-        from export.build import _manifest
-        from mullama_sdk.manifest import MANIFEST_NAME, parse_manifest
-
-        quants, precisions = args[4].split(","), args[5].split(",")
-        options = bundle_options(quants, precisions)
-        if "fp32" not in precisions:
-            for stale in out.glob("*.fp32.onnx*"):
-                stale.unlink()
-        encoders = {p: f"encoder.{p}.onnx" for p in precisions}
-        adapters = {p: f"adapter.{p}.onnx" for p in precisions}
-        llms = {q: f"llm.{q}.gguf" for q in quants}
+        options = bundle_options(args[4].split(","), args[5].split(","))
+        drop_intermediates(out, options, base_gguf_type(src.config, options.quants))
         notes = ["benchmark bundle (bench.assets): random weights, assembled step by step; the variants were "
                  "not compared with the torch reference"]
-        raw = _manifest(src.config, src, encoders, adapters, llms, options, notes, out, {})
-        parse_manifest(raw, where="new manifest")
-        (out / MANIFEST_NAME).write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+        write_manifest(out, bundle_manifest(src, options, notes, out))
     else:
         raise SystemExit(f"unknown step {name!r}")
 

@@ -32,12 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import assets  # noqa: E402
-from bench.report import Target, markdown_table, write_section  # noqa: E402
+from bench import assets
+from bench.report import Target, markdown_table, write_section
 
 GB = 1e9
 PROMPT = 8

@@ -25,15 +25,12 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
 # Backends take turns: a thread pool that keeps spinning after its call returns would steal the cores
 # from the next backend. OpenMP (torch) must be told before torch loads; ORT's pools are set below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -48,7 +45,7 @@ from mullama_sdk.audio import load_audio  # noqa: E402
 from mullama_sdk.constants import SAMPLE_RATE_HZ  # noqa: E402
 from mullama_sdk.cpu import INT8_SCHEME, int8_kernel  # noqa: E402
 from mullama_sdk.encoder_ort import session_options  # noqa: E402
-from testkit.make_assets import mert_330m_config  # noqa: E402
+from testkit.mert_files import mert_330m_config  # noqa: E402
 from training.reference.adapter import MusicAdapter  # noqa: E402
 from training.reference.dims import AdapterDims  # noqa: E402
 from training.reference.mert import MertEncoder, hubert_config_from_mert  # noqa: E402
@@ -60,8 +57,9 @@ TARGET_SPEEDUP = 2.0
 TARGET_COS = 0.99
 
 
-def _waveform(seconds: float, tmp: Path) -> np.ndarray:
-    from testkit.make_assets import write_test_audio
+def tiled_test_waveform(seconds: float, tmp: Path) -> np.ndarray:
+    """``seconds`` of the 10 s test song (tiled), as the SDK's loader returns it; shared with bench_trt."""
+    from testkit.audio import write_test_audio
 
     clip = load_audio(write_test_audio(tmp / "audio")["music_24k_mono_10s.wav"])
     n = round(seconds * SAMPLE_RATE_HZ)
@@ -114,7 +112,7 @@ def main() -> None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = {name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
                     for name, p in (("ort-fp32", fp32), ("ort-int8", int8), ("ort-int8-w8", int8_w8))}
-        waves = {s: _waveform(s, tmp) for s in args.seconds}
+        waves = {s: tiled_test_waveform(s, tmp) for s in args.seconds}
 
         def run(backend: str, w: np.ndarray) -> np.ndarray:
             if backend == "torch":

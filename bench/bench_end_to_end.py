@@ -7,7 +7,7 @@ widths (4096 / FFN 11008 / 32 heads / vocab 32000) with ``--layers`` LLaMA layer
 torch float32 reference of all 32 would need ~35 GB). Built once with the product's own code
 (:func:`testkit.make_assets.build_shape_assets`, then :func:`export.build.build_bundle` with q4_k_m and an
 int8 encoder; its ONNX checks against torch run as in any export, the LLM check is skipped, see
-:func:`_build_bundle`) and cached in ``~/.cache/mullama/bench/e2e-<shape>/`` (``$MULLAMA_BENCH_CACHE``
+:func:`bench.end_to_end_assets.build_bundle_q4_int8`) and cached in ``~/.cache/mullama/bench/e2e-<shape>/`` (``$MULLAMA_BENCH_CACHE``
 overrides the root); the first run reports how long that took.
 
 Measured, for each clip length (a synthesised song, 24 kHz mono WAV), each variant in a fresh process per
@@ -15,7 +15,7 @@ measurement (variants alternate, their order reversed every round, ``--rounds`` 
 
 * ``sdk``: ``Captioner.from_pretrained(bundle, n_threads=2)`` then ``caption(path, temperature=0,
   max_new_tokens=64)``; the encoder runs on windows of at most 30 s (frame-weighted mean).
-* ``torch fp32`` / ``torch bf16``: :func:`training.reference.loading.load_reference` (LLaMA in that dtype; MERT and the
+* ``torch fp32`` / ``torch bf16``: :func:`training.reference.build.load_reference` (LLaMA in that dtype; MERT and the
   adapter always float32), ``torch.set_num_threads(2)``, then the steps of ``MullamaModel.generate`` (load
   audio, ``state_means`` with its default 30 s windows - the same windows and math as the SDK - music query,
   KV-cached ``generate_from_query``). The published MU-LLaMA code encodes the first 60 s in ONE window instead;
@@ -32,97 +32,42 @@ larger. Ratios are medians of per-round paired ratios against torch fp32 (same r
 32-layer estimate: encoder unchanged; the SDK adapter grows with the injected layers (20 at 32 layers;
 ``min(20, layers)`` here); prefill scales with the layer count; decode per token with the weight bytes read
 per token (layers + output head); RSS grows by the resident bytes of the extra layers (weights, KV cache
-and, for torch, the float16 checkpoint pages its loader leaves mapped). See :func:`_extrapolate`.
+and, for torch, the float16 checkpoint pages its loader leaves mapped). See
+:func:`bench.end_to_end_stats.extrapolate_to_real_layers`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.end_to_end_assets import PRECISION, QUANT, child_build, clip, ensure_assets
+from bench.end_to_end_stats import (
+    REAL_INJECT,
+    REAL_LAYERS,
+    common_prefix_len,
+    extrapolate_to_real_layers,
+    median_of,
+    paired_ratio,
+    peak_rss,
+    sdk_sizes,
+    total_of,
+    ttft_of,
+)
+from bench.measure import GB, cpu_wait_share, mapped_rss, proc_status, reset_peak, run_json_child, sched_times
+from bench.report import Target, markdown_table, write_section
 
-from bench.bench_memory import proc_status  # noqa: E402
-from bench.report import Target, markdown_table, write_section  # noqa: E402
-
-GB = 1e9
-#: Bump when what a cache entry holds changes meaning.
-CACHE_VERSION = 1
-REAL_LAYERS = 32
-REAL_INJECT = 20
-QUANT = "q4_k_m"
-PRECISION = "int8"
 VARIANTS = {"sdk": "SDK int8 + q4_k_m", "ref-fp32": "torch fp32", "ref-bf16": "torch bf16"}
 TARGET_SPEEDUP = 5.0
 TARGET_RSS = 0.35
 CHILD_TIMEOUT_S = 3600
-
-
-# ------------------------------------------------------------------------------------------ process stats
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _sched() -> dict[str, tuple[int, int]]:
-    """Per thread of this process: (ns on a CPU, ns runnable but waiting for one) - /proc/<pid>/task/*/schedstat."""
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            run, wait, _ = (task / "schedstat").read_text().split()
-        except (OSError, ValueError):
-            continue
-        out[task.name] = (int(run), int(wait))
-    return out
-
-
-def _cpu_wait_share(before: dict[str, tuple[int, int]]) -> float:
-    """Share of the threads' runnable time spent waiting for a CPU since ``before``: ~0 on an idle machine;
-    high when other processes hold the cores (threads that ended meanwhile are not counted)."""
-    run = wait = 0
-    for tid, (r, w) in _sched().items():
-        r0, w0 = before.get(tid, (0, 0))
-        run, wait = run + r - r0, wait + w - w0
-    return wait / (run + wait) if run + wait else 0.0
-
-
-def _mapped_rss(paths: list[Path]) -> dict[str, list[int]]:
-    """Per file of ``paths``: [resident bytes of its mappings in this process, file size]."""
-    want = {str(Path(p).resolve()): Path(p).stat().st_size for p in paths if Path(p).exists()}
-    rss = dict.fromkeys(want, 0)
-    current = None
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split()
-                if not head:
-                    continue
-                if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-                    current = head[5] if len(head) >= 6 and head[5] in want else None
-                elif current and head[0] == "Rss:":
-                    rss[current] += int(head[1]) * 1024
-    except OSError:
-        pass
-    return {p: [rss[p], want[p]] for p in want}
-
 
 # ---------------------------------------------------------------------------------------- the EOS ban
 def _forced_sampler_class():
@@ -148,7 +93,7 @@ def _forced_sampler_class():
 
 # ----------------------------------------------------------------------------------------------- children
 def _child_sdk(a: argparse.Namespace) -> dict:
-    import mullama_sdk.captioner as capmod
+    import mullama_sdk.options as capmod
     from mullama_sdk import Captioner
 
     bundle = Path(a.dir) / "bundle"
@@ -157,19 +102,19 @@ def _child_sdk(a: argparse.Namespace) -> dict:
                                     encoder_precision=PRECISION)
     load_s = time.perf_counter() - t0
     at_load = proc_status()
-    reset = _reset_peak()
+    reset = reset_peak()
     forced = _forced_sampler_class()
     forced.eos_id = cap.manifest.eos_id
-    capmod.Sampler = lambda t, p, seed: forced(t, p, seed)  # what Captioner._sampling builds
-    sched = _sched()
+    capmod.Sampler = lambda t, p, seed: forced(t, p, seed)  # what GenerationOptions.new_sampler builds
+    sched = sched_times()
     t_start = time.perf_counter()
     res = cap.caption(a.audio, max_new_tokens=a.tokens, temperature=0.0)
     t_end = time.perf_counter()
-    cpu_wait = _cpu_wait_share(sched)
+    cpu_wait = cpu_wait_share(sched)
     end = proc_status()
     m = cap.manifest
     files = [bundle / m.llm[QUANT], bundle / m.encoder[PRECISION], bundle / m.adapter[PRECISION]]
-    mapped = _mapped_rss(files)
+    mapped = mapped_rss(files)
     tm = res.timings
     out = {
         "load_s": load_s, "encode_s": tm.encode_ms / 1e3, "adapter_s": tm.adapter_ms / 1e3,
@@ -201,7 +146,7 @@ def _child_ref(a: argparse.Namespace, dtype_name: str) -> dict:
     import torch
 
     from mullama_sdk.audio import load_audio
-    from training.reference.loading import load_reference
+    from training.reference.build import load_reference
 
     torch.set_num_threads(a.threads)
     d = Path(a.dir)
@@ -210,11 +155,11 @@ def _child_ref(a: argparse.Namespace, dtype_name: str) -> dict:
     model = load_reference(d / "checkpoint.pth", d / "llama", d / "mert", dtype=dtype)
     load_s = time.perf_counter() - t0
     at_load = proc_status()
-    reset = _reset_peak()
+    reset = reset_peak()
     forced = _forced_sampler_class()
     forced.eos_id = model.tokenizer.eos_id
     sampler = forced(0.0, 1.0, 0)
-    sched = _sched()
+    sched = sched_times()
     with torch.inference_mode():
         t_start = time.perf_counter()
         wave = load_audio(a.audio)
@@ -225,10 +170,10 @@ def _child_ref(a: argparse.Namespace, dtype_name: str) -> dict:
         prompt = model.tokenizer.encode_prompt(None)
         gen = model.generate_from_query(query, prompt, sampler, a.tokens)
         t_end = time.perf_counter()
-    cpu_wait = _cpu_wait_share(sched)
+    cpu_wait = cpu_wait_share(sched)
     end = proc_status()
     # llama/consolidated.00.pth (real-width assets) or llama/7B/consolidated.00.pth (tiny: Meta's layout)
-    mapped = _mapped_rss([d / "checkpoint.pth", *sorted((d / "llama").rglob("consolidated.00.pth"))[:1]])
+    mapped = mapped_rss([d / "checkpoint.pth", *sorted((d / "llama").rglob("consolidated.00.pth"))[:1]])
     layer0 = dict(model.llama.layers[0].named_parameters())
     base = {f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
     base |= {f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
@@ -258,211 +203,8 @@ def _child_ref(a: argparse.Namespace, dtype_name: str) -> dict:
 
 def _run_child(argv: list[str]) -> dict:
     """Run one measurement in a fresh interpreter and return its JSON result."""
-    cmd = [sys.executable, "-m", "bench.bench_end_to_end", *argv]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = "\n".join((proc.stderr or "").splitlines()[-30:])
-    raise RuntimeError(f"child {argv[:2]} failed (exit {proc.returncode}):\n{tail}")
-
-
-# ------------------------------------------------------------------------------------------------- assets
-def cache_root() -> Path:
-    return Path(os.environ.get("MULLAMA_BENCH_CACHE", "~/.cache/mullama/bench")).expanduser()
-
-
-def _key(quick: bool, layers: int) -> str:
-    shape = "tiny" if quick else f"llama{layers}-mert24"
-    return f"e2e-{shape}-seed0-{QUANT}-{PRECISION}-v{CACHE_VERSION}"
-
-
-def _child_build(a: argparse.Namespace) -> dict:
-    """One build step into ``a.dir`` (a temporary folder the parent renames when all steps are done)."""
-    d = Path(a.dir)
-    t0 = time.perf_counter()
-    if a.child == "build-assets":
-        if a.quick:
-            from testkit.make_assets import build_tiny_assets
-
-            build_tiny_assets(d)
-        else:
-            from testkit.make_assets import build_shape_assets
-
-            build_shape_assets(d, a.layers, mert_layers=24)
-    else:
-        _build_bundle(d, a.threads)
-    return {"seconds": time.perf_counter() - t0, "peak_rss": proc_status()["VmHWM"]}
-
-
-def _build_bundle(d: Path, threads: int) -> None:
-    """q4_k_m + int8 bundle. The ONNX graphs are checked against torch (strict); the check of llama.cpp
-    against the torch LLM is skipped (it would hold the float32 torch LLaMA beside llama.cpp); this benchmark
-    compares the two sides' greedy tokens instead."""
-    from export.build import BundleOptions, build_bundle
-
-    opts = BundleOptions(quants=(QUANT,), encoder_precisions=(PRECISION,), verify_llm=False)
-    build_bundle(d / "checkpoint.pth", d / "llama", d / "mert", d / "bundle", options=opts, threads=threads,
-                 progress=lambda m: print(f"[export] {m}", file=sys.stderr, flush=True))
-
-
-def ensure_assets(quick: bool, layers: int, threads: int) -> tuple[Path, dict | None]:
-    """The cached folder (built now if missing) and the build report when it was built by this call."""
-    final = cache_root() / _key(quick, layers)
-    if (final / "build.json").is_file():
-        return final, None
-    cache_root().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache_root()))
-    try:
-        report = {}
-        for step in ("build-assets", "build-bundle"):
-            print(f"building {final.name}: {step} ...", flush=True)
-            argv = ["--child", step, "--dir", str(tmp), "--layers", str(layers), "--threads", str(threads)]
-            cmd = [sys.executable, "-m", "bench.bench_end_to_end", *argv, *(["--quick"] if quick else [])]
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{step} failed (exit {proc.returncode}); its log is above")
-            report[step] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"  {step}: {report[step]['seconds']:.0f} s, peak RSS {report[step]['peak_rss'] / GB:.1f} GB",
-                  flush=True)
-        report["bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final, report
-
-
-def clip(folder: Path, seconds: float) -> Path:
-    """A deterministic synthesised song of ``seconds`` (24 kHz mono PCM_16), written once into ``folder``."""
-    path = folder / "audio" / f"song_{seconds:g}s.wav"
-    if path.is_file():
-        return path
-    import soundfile as sf
-
-    from testkit import make_assets as ma
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # the 10 s test song's parameters, rendered at the wanted length
-        song = dataclasses.replace(ma._SONGS["music_24k_mono_10s"], seconds=float(seconds))
-        wave = ma._render(song)
-    except (AttributeError, KeyError, TypeError):  # private helpers changed: tile the public 10 s clip
-        ten, _ = sf.read(ma.write_test_audio(path.parent / "src")["music_24k_mono_10s.wav"])
-        n = round(seconds * 24000)
-        wave = np.tile(ten, -(-n // len(ten)))[:n]
-    pcm = np.clip(np.round(wave * 32768), -32768, 32767).astype(np.int16)
-    tmp = path.with_suffix(".tmp.wav")
-    sf.write(tmp, pcm, 24000, subtype="PCM_16")
-    os.replace(tmp, path)
-    return path
-
-
-# -------------------------------------------------------------------------------------------- model sizes
-def _sdk_sizes(folder: Path) -> dict:
-    """Bytes of one GGUF layer (mean), of the output head, KV per layer, adapter params per injected layer."""
-    import gguf
-
-    manifest = json.loads((folder / "bundle" / "mullama.json").read_text())
-    reader = gguf.GGUFReader(folder / "bundle" / manifest["llm"][QUANT])
-    layers: dict[int, int] = {}
-    head = 0
-    for t in reader.tensors:
-        if t.name.startswith("blk."):
-            i = int(t.name.split(".")[1])
-            layers[i] = layers.get(i, 0) + int(t.n_bytes)
-        elif t.name.startswith(("output.", "output_norm")):
-            head += int(t.n_bytes)
-    del reader
-    dims = manifest["dims"]
-    n, mert = dims["n_embd"], dims["mert_dim"]
-    fixed = mert * n + n + 3 * (3 * n * 4 * n) + 3 * n + dims["mert_states"] + 1  # proj + 3 SwiGLU blocks
-    per_inject = n * n + n  # folded M_l and its offset
-    return {
-        "n_layer": dims["n_layer"], "n_inject": dims["n_inject"], "n_embd": n,
-        "layer_bytes": statistics.mean(layers.values()), "head_bytes": head,
-        "adapter_params": fixed + dims["n_inject"] * per_inject, "adapter_params_per_inject": per_inject,
-        "adapter_file_bytes": (folder / "bundle" / manifest["adapter"][PRECISION]).stat().st_size,
-    }
-
-
-# ------------------------------------------------------------------------------------------------- report
-def _med(rows: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in rows)
-
-
-def _peak(r: dict) -> float:
-    return max(r["rss_load_peak"], r["rss_run_peak"])
-
-
-def _extrapolate(v: str, rows: list[dict], sizes: dict, layers: int) -> dict:
-    """Median times and peak RSS of ``rows`` scaled to 32 LLaMA layers (see the module docstring)."""
-    enc, ad, pre = _med(rows, "encode_s"), _med(rows, "adapter_s"), _med(rows, "prefill_s")
-    ttft, total, dec = _med(rows, "ttft_s"), _med(rows, "total_s"), _med(rows, "decode_s_per_token")
-    n_tok = len(rows[0]["tokens"])
-    other = ttft - enc - ad - pre
-    tail = total - ttft - (n_tok - 1) * dec
-    peak = statistics.median(_peak(r) for r in rows)
-    r0 = rows[0]
-    if v == "sdk":
-        n_inj = sizes["n_inject"]
-        ad_scale = (sizes["adapter_params"] + (REAL_INJECT - n_inj) * sizes["adapter_params_per_inject"]) \
-            / sizes["adapter_params"]
-        layer_b, head_b = sizes["layer_bytes"], sizes["head_bytes"]
-        gguf_rss = [m for p, m in r0["mapped"].items() if p.endswith(".gguf")]
-        frac = gguf_rss[0][0] / gguf_rss[0][1] if gguf_rss else 1.0
-        kv = 2 * r0["n_ctx"] * sizes["n_embd"] * 2  # F16 K and V, n_ctx cells
-        per_layer_rss = layer_b * frac + kv
-        extra_rss = (REAL_INJECT - n_inj) * sizes["adapter_params_per_inject"] * sizes["adapter_file_bytes"] \
-            / sizes["adapter_params"]
-        read_l = layers * layer_b + head_b
-        read_32 = REAL_LAYERS * layer_b + head_b
-    else:
-        ad_scale = 1.0  # torch computes the injection inside the LLaMA layers
-        layer_b = r0["layer_bytes"]
-        # Decode bytes per token: layers, Wv again in each injected layer, output head.
-        read_l = layers * layer_b + r0["n_inject"] * r0["wv_bytes"] + r0["head_bytes"]
-        read_32 = REAL_LAYERS * layer_b + REAL_INJECT * r0["wv_bytes"] + r0["head_bytes"]
-        ck = [m for p, m in r0["mapped"].items() if p.endswith("checkpoint.pth")]
-        frac = ck[0][0] / ck[0][1] if ck else 0.0
-        per_layer_rss = layer_b + r0["layer_ckpt_bytes"] * frac + r0["kv_bytes_per_layer"]
-        extra_rss = 0.0
-    ad32 = ad * ad_scale
-    pre32 = pre * REAL_LAYERS / layers
-    dec32 = dec * read_32 / read_l
-    ttft32 = enc + ad32 + pre32 + other
-    return {
-        "encode_s": enc, "adapter_s": ad32, "prefill_s": pre32, "ttft_s": ttft32,
-        "decode_s_per_token": dec32, "total_s": ttft32 + (n_tok - 1) * dec32 + tail,
-        "peak": peak + (REAL_LAYERS - layers) * per_layer_rss + extra_rss, "peak_measured": peak,
-        "per_layer_rss": per_layer_rss,
-    }
-
-
-def _paired(results: dict, length: float, rounds: int, num: str, den: str, value) -> float:
-    """Median over rounds of ``value(num's run) / value(den's run)`` (same round and clip, both measured)."""
-    return statistics.median(value(results[(num, length, r)]) / value(results[(den, length, r)])
-                             for r in range(rounds) if (num, length, r) in results and (den, length, r) in results)
-
-
-def _ttft(r: dict) -> float:
-    return r["ttft_s"]
-
-
-def _total(r: dict) -> float:
-    return r["total_s"]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return run_json_child([sys.executable, "-m", "bench.bench_end_to_end", *argv], f"child {argv[:2]}",
+                          timeout=CHILD_TIMEOUT_S)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.child:
         if a.child.startswith("build-"):
-            res = _child_build(a)
+            res = child_build(a)
         elif a.child == "sdk":
             res = _child_sdk(a)
         else:
@@ -498,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     folder, built = ensure_assets(a.quick, a.layers, a.threads)
     build = built or json.loads((folder / "build.json").read_text())
     layers = json.loads(sorted((folder / "llama").rglob("params.json"))[0].read_text())["n_layers"]
-    sizes = _sdk_sizes(folder)
+    sizes = sdk_sizes(folder)
     variants = ["sdk", "ref-fp32"] + ([] if a.no_bf16 or a.bf16_rounds < 1 else ["ref-bf16"])
     load_avg = [os.getloadavg()[0]]
     clips = {s: clip(folder, s) for s in a.lengths}
@@ -517,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = _run_child(child)
                 results[(v, s, rnd)] = r
                 print(f"round {rnd + 1}/{a.rounds} {s:g} s {v:9}: load {r['load_s']:6.1f} s  TTFT "
-                      f"{r['ttft_s']:7.2f} s  total {r['total_s']:7.2f} s  peak {_peak(r) / GB:5.2f} GB  "
+                      f"{r['ttft_s']:7.2f} s  total {r['total_s']:7.2f} s  peak {peak_rss(r) / GB:5.2f} GB  "
                       f"CPU wait {r['cpu_wait']:4.0%}  ({len(r['tokens'])} tokens, {r['eos_banned']} EOS banned)", flush=True)
     wall = time.perf_counter() - t_begin
     load_avg.append(os.getloadavg()[0])
@@ -532,15 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     for s in a.lengths:
         for v in variants:
             rs = [results[(v, s, r)] for r in range(a.rounds) if (v, s, r) in results]
-            e = ext[(v, s)] = _extrapolate(v, rs, sizes, layers)
-            ttft_x = _paired(results, s, a.rounds, "ref-fp32", v, _ttft)
-            total_x = _paired(results, s, a.rounds, "ref-fp32", v, _total)
-            rss_x = _paired(results, s, a.rounds, v, "ref-fp32", _peak)
-            rows.append([f"{s:g} s", VARIANTS[v], f"{_med(rs, 'load_s'):.1f}", f"{_med(rs, 'encode_s'):.2f}",
-                         f"{_med(rs, 'adapter_s'):.2f}", f"{_med(rs, 'prefill_s'):.2f}", f"{_med(rs, 'ttft_s'):.2f}",
-                         f"{1e3 * _med(rs, 'decode_s_per_token'):.0f}", f"{_med(rs, 'total_s'):.1f}",
+            e = ext[(v, s)] = extrapolate_to_real_layers(v, rs, sizes, layers)
+            ttft_x = paired_ratio(results, s, a.rounds, "ref-fp32", v, ttft_of)
+            total_x = paired_ratio(results, s, a.rounds, "ref-fp32", v, total_of)
+            rss_x = paired_ratio(results, s, a.rounds, v, "ref-fp32", peak_rss)
+            rows.append([f"{s:g} s", VARIANTS[v], f"{median_of(rs, 'load_s'):.1f}", f"{median_of(rs, 'encode_s'):.2f}",
+                         f"{median_of(rs, 'adapter_s'):.2f}", f"{median_of(rs, 'prefill_s'):.2f}", f"{median_of(rs, 'ttft_s'):.2f}",
+                         f"{1e3 * median_of(rs, 'decode_s_per_token'):.0f}", f"{median_of(rs, 'total_s'):.1f}",
                          f"{e['peak_measured'] / GB:.2f} "
-                         f"({_med(rs, 'rss_load_peak') / GB:.2f} / {_med(rs, 'rss_run_peak') / GB:.2f})",
+                         f"({median_of(rs, 'rss_load_peak') / GB:.2f} / {median_of(rs, 'rss_run_peak') / GB:.2f})",
                          f"{ttft_x:.2f}x", f"{total_x:.2f}x", f"{rss_x:.2f}x",
                          f"{statistics.median(r['cpu_wait'] for r in rs):.0%}"])
         f = ext[("ref-fp32", s)]
@@ -550,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{e['prefill_s']:.2f}", f"{e['ttft_s']:.2f}", f"{1e3 * e['decode_s_per_token']:.0f}",
                              f"{e['total_s']:.1f}", f"{e['peak'] / GB:.2f}", f"{f['ttft_s'] / e['ttft_s']:.2f}x",
                              f"{f['total_s'] / e['total_s']:.2f}x", f"{e['peak'] / f['peak']:.2f}x"])
-        ttft_x = _paired(results, s, a.rounds, "ref-fp32", "sdk", _ttft)
-        total_x = _paired(results, s, a.rounds, "ref-fp32", "sdk", _total)
-        rss_x = _paired(results, s, a.rounds, "sdk", "ref-fp32", _peak)
+        ttft_x = paired_ratio(results, s, a.rounds, "ref-fp32", "sdk", ttft_of)
+        total_x = paired_ratio(results, s, a.rounds, "ref-fp32", "sdk", total_of)
+        rss_x = paired_ratio(results, s, a.rounds, "sdk", "ref-fp32", peak_rss)
         e = ext[("sdk", s)]
         tag = f"at {layers} layers"
         targets += [
@@ -568,13 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         if "ref-bf16" in variants:
             b = ext[("ref-bf16", s)]
             vs_bf16.append(
-                f"{s:g} s: TTFT {_paired(results, s, a.rounds, 'ref-bf16', 'sdk', _ttft):.2f}x, total "
-                f"{_paired(results, s, a.rounds, 'ref-bf16', 'sdk', _total):.2f}x, RSS "
-                f"{_paired(results, s, a.rounds, 'sdk', 'ref-bf16', _peak):.2f}x (32-layer estimate "
+                f"{s:g} s: TTFT {paired_ratio(results, s, a.rounds, 'ref-bf16', 'sdk', ttft_of):.2f}x, total "
+                f"{paired_ratio(results, s, a.rounds, 'ref-bf16', 'sdk', total_of):.2f}x, RSS "
+                f"{paired_ratio(results, s, a.rounds, 'sdk', 'ref-bf16', peak_rss):.2f}x (32-layer estimate "
                 f"{b['ttft_s'] / e['ttft_s']:.2f}x / {b['total_s'] / e['total_s']:.2f}x / {e['peak'] / b['peak']:.2f}x)")
         sdk_tok = results[("sdk", s, 0)]["tokens"]
         for v in variants[1:]:
-            same = _common_prefix(sdk_tok, results[(v, s, 0)]["tokens"])
+            same = common_prefix_len(sdk_tok, results[(v, s, 0)]["tokens"])
             checks.append(f"{s:g} s, SDK vs {VARIANTS[v]}: the first {same} of {a.tokens} greedy tokens are equal")
 
     body = markdown_table(header, rows)
@@ -655,3 +397,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -22,12 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import ROOT
+from bench.measure import GB, PeakSampler, proc_status, run_json_child
 
-from bench.bench_memory import PeakSampler, proc_status  # noqa: E402
-
-GB = 1e9
 SHARED_LAYERS = 4  # the layer count of bench.assets' shared sources
 
 
@@ -119,12 +116,9 @@ def main() -> None:
         rows = []
         for no_release in (False, True):
             out = work / f"model-{args.type}.gguf"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--assets", str(assets),
+            cmd = [sys.executable, "-m", "bench.bench_gguf_memory", "--child", "--assets", str(assets),
                    "--out", str(out), "--type", args.type] + (["--no-release"] if no_release else [])
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if res.returncode:
-                sys.exit(f"conversion child failed ({res.returncode}):\n{res.stderr[-3000:]}")
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            rows.append(run_json_child(cmd, "conversion child"))
             out.unlink(missing_ok=True)
         r0 = rows[0]
         head = (f"source shard {r0['source_bytes'] / GB:.2f} GB (bf16), output {r0['out_bytes'] / GB:.2f} GB "

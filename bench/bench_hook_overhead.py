@@ -1,6 +1,6 @@
 """Per-token cost of the injection hook: plain vs native (C) hook vs Python hook contexts.
 
-Launch:  .venv/bin/python bench/bench_hook_overhead.py [--layers 32 --n-embd 1024 --type q8_0 --model PATH]
+Launch:  .venv/bin/python -m bench.bench_hook_overhead [--layers 32 --n-embd 1024 --type q8_0 --model PATH]
 
 One random LLaMA GGUF, three contexts on the same loaded model (production settings: default flash
 attention "auto" and F16 KV cache), a prompt prefill, then N single-token decode steps; in each
@@ -14,21 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import llama_cpp  # noqa: E402
-
-from bench.report import Target, markdown_table, write_section  # noqa: E402
-from native_bridge import InjectionHook  # noqa: E402
-from testkit import llama_gguf as H  # noqa: E402
+from bench.report import Target, markdown_table, write_section
+from native_bridge import InjectionHook
+from testkit import llama_gguf as H
 
 TARGET = 0.97
 

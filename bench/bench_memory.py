@@ -31,76 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.measure import GB, proc_status, run_json_child, snapshot
+from bench.report import Target, markdown_table, write_section
 
-from bench.report import Target, markdown_table, write_section  # noqa: E402
-
-GB = 1e9
 TARGET_RATIO = 1.15
 #: The benchmark bundle every CPU benchmark here shares (see bench.assets.shape_bundle).
 BUNDLE = {"n_layers": 4, "quants": ("q4_k_m", "q8_0"), "encoder_precisions": ("fp32", "int8")}
-
-
-# ------------------------------------------------------------------------------------- /proc helpers
-def proc_status() -> dict[str, int]:
-    """VmRSS, RssAnon, RssFile, VmHWM of this process in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
-def smaps_rollup() -> dict[str, int]:
-    """Rss, Pss, USS (Private_Clean + Private_Dirty) of this process in bytes; {} without smaps_rollup."""
-    try:
-        text = Path("/proc/self/smaps_rollup").read_text()
-    except OSError:
-        return {}
-    vals = {}
-    for line in text.splitlines()[1:]:
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            vals[key] = int(parts[0]) * 1024
-    return {"Rss": vals.get("Rss", 0), "Pss": vals.get("Pss", 0),
-            "USS": vals.get("Private_Clean", 0) + vals.get("Private_Dirty", 0)}
-
-
-def snapshot() -> dict[str, int]:
-    return {**proc_status(), **smaps_rollup()}
-
-
-class PeakSampler(threading.Thread):
-    """Samples VmRSS / RssAnon / RssFile every ``period`` seconds until :meth:`stop`; keeps the maxima."""
-
-    def __init__(self, period: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.period = period
-        self.peak = proc_status()
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            s = proc_status()
-            self.peak = {k: max(v, self.peak.get(k, 0)) for k, v in s.items()}
-            self._halt.wait(self.period)
-
-    def stop(self) -> dict[str, int]:
-        self._halt.set()
-        self.join()
-        s = proc_status()
-        return {k: max(v, self.peak.get(k, 0)) for k, v in s.items()}
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -111,10 +51,10 @@ def _child(args: argparse.Namespace) -> None:
 
     from mullama_sdk import Captioner
     from mullama_sdk.encoder_backend import choose_encoder_backend
-    from mullama_sdk.llm import _ensure_backend
+    from mullama_sdk.llm import ensure_backend
     from mullama_sdk.manifest import load_manifest
     from native_bridge import InjectionHook
-    from testkit.make_assets import write_test_audio
+    from testkit.audio import write_test_audio
 
     prec, quant, *mode = args.variant.split(":")
     low = mode == ["low"]
@@ -124,7 +64,7 @@ def _child(args: argparse.Namespace) -> None:
     files = choice.files(manifest) + [manifest.llm[quant]]
     file_bytes = {f: (bundle / f).stat().st_size for f in files}
     audio = write_test_audio(Path(args.tmp))["music_24k_mono_10s.wav"]
-    _ensure_backend()
+    ensure_backend()
     InjectionHook(manifest.dims.n_embd, manifest.dims.n_layer).close()  # compiles/loads the C hook library
     np.zeros(1)
     points = {"baseline": snapshot()}
@@ -181,12 +121,12 @@ def _ort_feed(sess, rng) -> dict:
 def _child_component(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from mullama_sdk.llm import LlamaContext, _ensure_backend
+    from mullama_sdk.llm import LlamaContext, ensure_backend
 
     label, kind, name, knobs = COMPONENTS[args.child_component]
     path = Path(args.bundle) / name
     files = sum(p.stat().st_size for p in path.parent.glob(name + "*"))
-    _ensure_backend()
+    ensure_backend()
     import onnxruntime  # noqa: F401 - baseline
 
     rng = np.random.default_rng(0)
@@ -216,11 +156,11 @@ def _child_speed(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from mullama_sdk.llm import LlamaContext, _ensure_backend
+    from mullama_sdk.llm import LlamaContext, ensure_backend
 
     bundle = Path(args.bundle)
     rng, order = np.random.default_rng(0), random.Random(0)
-    _ensure_backend()
+    ensure_backend()
     out = {}
     sessions = {"default": _ort_session(bundle / "encoder.int8.onnx"),
                 "prepacking off": _ort_session(bundle / "encoder.int8.onnx", prepack=False),
@@ -253,7 +193,7 @@ def _child_speed(args: argparse.Namespace) -> None:
     del ctxs, models
     # The whole Captioner, default vs low_memory=True, captions interleaved (both on the same q4_k_m bundle).
     from mullama_sdk import Captioner
-    from testkit.make_assets import write_test_audio
+    from testkit.audio import write_test_audio
 
     audio = write_test_audio(Path(args.tmp))["music_24k_mono_10s.wav"]
     caps = {low: Captioner.from_pretrained(bundle, device="cpu", encoder_precision="int8", quant="q4_k_m",
@@ -276,19 +216,12 @@ def _child_speed(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def _run_json(cmd: list[str], what: str) -> dict:
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode:
-        sys.exit(f"{what} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def profile(bundle: Path, args: argparse.Namespace, tmp: Path) -> tuple[str, str, float]:
     """(components table, knobs table) from fresh child processes."""
     me = [sys.executable, "-m", "bench.bench_memory", "--bundle", str(bundle)]
     rows, loaded = [], {}
     for i in range(len(COMPONENTS)):
-        r = _run_json(me + ["--child-component", str(i)], f"component {COMPONENTS[i][0]}")
+        r = run_json_child(me + ["--child-component", str(i)], f"component {COMPONENTS[i][0]}")
         b, lo, us = r["points"]["baseline"], r["points"]["loaded"], r["points"]["used"]
 
         def gb(p, key, b=b):
@@ -302,7 +235,7 @@ def profile(bundle: Path, args: argparse.Namespace, tmp: Path) -> tuple[str, str
         print(f"component {r['label']}: {rows[-1][2]} GB after load, {rows[-1][5]} GB after use", flush=True)
     comp = markdown_table(["component (alone)", "file GB", "loaded RSS+ GB", "anon / file GB", "/ file",
                            "used RSS+ GB", "anon / file GB", "/ file"], rows)
-    sp = _run_json(me + ["--child-speed", "--speed-reps", str(args.speed_reps), "--speed-steps",
+    sp = run_json_child(me + ["--child-speed", "--speed-reps", str(args.speed_reps), "--speed-steps",
                          str(args.speed_steps), "--tmp", str(tmp)], "knob speed")
     enc, llm = sp["encoder"], sp["llm"]
     knobs = markdown_table(["knob", "default", "knob set", "time vs default"], [
@@ -326,10 +259,7 @@ def profile(bundle: Path, args: argparse.Namespace, tmp: Path) -> tuple[str, str
 def run_child(bundle: Path, variant: str, new_tokens: int, tmp: Path) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_memory", "--child", "--bundle", str(bundle), "--variant", variant,
            "--new-tokens", str(new_tokens), "--tmp", str(tmp)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode:
-        sys.exit(f"memory child {variant} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd, f"memory child {variant}")
 
 
 def main() -> int:

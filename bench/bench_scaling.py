@@ -30,7 +30,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,14 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.bench_memory import BUNDLE
+from bench.measure import GB, PeakSampler, proc_status, run_json_child
+from bench.report import Target, markdown_table, write_section
 
-from bench.bench_memory import BUNDLE, PeakSampler, proc_status  # noqa: E402
-from bench.report import Target, markdown_table, write_section  # noqa: E402
-
-GB = 1e9
 SR = 24_000
 TARGET_BATCH = 3.0
 
@@ -53,7 +48,7 @@ TARGET_BATCH = 3.0
 def _music(seconds: float, offset_s: float = 0.0) -> np.ndarray:
     """Synthesised test music (the 10 s clip of the test assets), tiled to ``seconds``, from ``offset_s``."""
     from mullama_sdk.audio import load_audio
-    from testkit.make_assets import write_test_audio
+    from testkit.audio import write_test_audio
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = load_audio(write_test_audio(Path(tmp))["music_24k_mono_10s.wav"])
@@ -99,10 +94,7 @@ def run_encode(bundle: Path, args: argparse.Namespace) -> tuple[str, list[Target
             for p, s in jobs:
                 cmd = [sys.executable, "-m", "bench.bench_scaling", "--child-encode", "--bundle", str(bundle),
                        "--precision", p, "--audio", str(files[s])]
-                res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                if res.returncode:
-                    sys.exit(f"encode child ({p}, {s} s) failed ({res.returncode}):\n{res.stderr[-3000:]}")
-                out = json.loads(res.stdout.strip().splitlines()[-1])
+                out = run_json_child(cmd, f"encode child ({p}, {s} s)")
                 results[(p, s)].append(out)
                 print(f"round {r + 1}/{args.rounds} {p} {s:g} s: {out['seconds']:.1f} s, peak RSS "
                       f"+{(out['peak_rss'] - out['rss_loaded']) / GB:.2f} GB", flush=True)

@@ -36,10 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
-
-from bench.report import Target, markdown_table, write_section  # noqa: E402
+from bench.report import Target, markdown_table, write_section
 
 TITLE = "MERT encoder on an NVIDIA GPU: TensorRT vs ONNX Runtime CUDA vs torch"
 
@@ -75,12 +72,12 @@ def main() -> int:
     import tensorrt
     import torch
 
-    from bench.bench_encoder import _waveform
+    from bench.bench_encoder import tiled_test_waveform
     from export.onnx_export import export_encoder
     from export.onnx_precision import convert_fp16
     from export.trt import build_engine, waveform_profile
     from mullama_sdk.encoder_trt import TrtGraph, cuda_device
-    from testkit.make_assets import mert_330m_config
+    from testkit.mert_files import mert_330m_config
     from training.reference.mert import MertEncoder, hubert_config_from_mert
 
     MERT_330M = mert_330m_config()
@@ -102,7 +99,7 @@ def main() -> int:
         build_s = build_engine(tensorrt, onnx_path, engine_path, profile=profile, workspace_gb=args.workspace_gb)
         print(f"engine built in {build_s:.0f} s ({engine_path.stat().st_size / 2**20:.0f} MiB), "
               f"profile {profile}", flush=True)
-        waves = {s: _waveform(s, tmp) for s in args.seconds}
+        waves = {s: tiled_test_waveform(s, tmp) for s in args.seconds}
 
         runners, notes = {}, []
         graph = TrtGraph(engine_path)

@@ -1,6 +1,6 @@
 """Meta LLaMA + MU-LLaMA's trained deltas -> one llama.cpp GGUF (``general.architecture = llama``).
 
-What goes in (spec sections 2-4, llamacpp_notes sections 2-3):
+What goes in (docs/model.md sections 2-4, docs/llamacpp.md sections 2-3):
 
 * base Meta matrices with the LoRA deltas merged in float32 (``W + L2 @ L1``, no scaling);
 * the trained biases as the optional bias tensors llama.cpp's LLaMA graph loads (``blk.N.attn_q.bias``,
@@ -18,8 +18,8 @@ not from this file.
 Memory: tensors are converted and written one at a time from the memory-mapped sources (GGUFWriter's
 tensor-info-first API), so peak memory is about one float32 tensor plus its output copy. Source pages that
 were read are handed back to the kernel (``MADV_PAGEOUT``) so a 13 GB shard does not pile up as resident
-memory. The file is written under a temporary name in the output folder and renamed at the end: an error
-or interruption never leaves a partial file at ``out_path``.
+memory. The file is written under a temporary name in the output folder and renamed at the end
+(:func:`mullama_sdk.files.atomic_path`): an error or interruption never leaves a partial file at ``out_path``.
 
 CLI: ``python -m export.gguf_export CHECKPOINT LLAMA_DIR MERT_DIR OUT.gguf [--type f16] [--n-ctx 4096]``.
 """
@@ -31,10 +31,8 @@ import ctypes
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,13 +40,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from export.gguf_tensors import PlannedTensor, plan_tensors
+from export.gguf_vocab import sentencepiece_vocab
 from mullama_sdk.errors import BundleError, CheckpointError, ConfigError
+from mullama_sdk.files import atomic_path
 from training.reference.dims import LlamaParams
 
 if TYPE_CHECKING:  # pragma: no cover
     import gguf
 
-    from training.reference.loading import ModelSources
+    from training.reference.model_sources import ModelSources
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ __all__ = [
     "GgufReport",
     "GgufSource",
     "MullamaKeys",
-    "gguf_tensor_name",
-    "sentencepiece_vocab",
     "write_gguf",
     "write_llama_gguf",
 ]
@@ -81,60 +80,6 @@ class MullamaKeys:
     INJECT_LAYERS_CSV = "mullama.inject_layers_csv"
     N_INJECT = "mullama.n_inject"  #: uint32, len(inject_layers)
     LORA_RANK = "mullama.lora_rank"  #: uint32, rank of the LoRA deltas merged into the matrices (0: none)
-
-
-# ----------------------------------------------------------------------------------------- tensor names
-_GLOBAL_NAMES = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-}
-# Meta name inside ``layers.N.`` -> GGUF name inside ``blk.N.``. Biases: the published finetune trains
-# them on wq, wo, w1, w2, w3 only (spec section 2); wk/wv biases would be a different model.
-_LAYER_NAMES = {
-    "attention_norm.weight": "attn_norm.weight",
-    "attention.wq.weight": "attn_q.weight",
-    "attention.wk.weight": "attn_k.weight",
-    "attention.wv.weight": "attn_v.weight",
-    "attention.wo.weight": "attn_output.weight",
-    "attention.wq.bias": "attn_q.bias",
-    "attention.wo.bias": "attn_output.bias",
-    "ffn_norm.weight": "ffn_norm.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight",
-    "feed_forward.w2.weight": "ffn_down.weight",
-    "feed_forward.w3.weight": "ffn_up.weight",
-    "feed_forward.w1.bias": "ffn_gate.bias",
-    "feed_forward.w2.bias": "ffn_down.bias",
-    "feed_forward.w3.bias": "ffn_up.bias",
-}
-_REQUIRED_LAYER = tuple(v for k, v in _LAYER_NAMES.items() if k.endswith(".weight"))
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_LORA_RE = re.compile(r"^(attention|feed_forward)\.lora_(w[a-z0-9]+)_l([12])\.weight$")
-_RUNTIME_ONLY_RE = re.compile(r"^attention\.gate$")
-
-
-def gguf_tensor_name(meta_name: str) -> str:
-    """The GGUF tensor name llama.cpp's LLaMA architecture loads for a Meta-layout LLaMA tensor.
-
-    Args:
-        meta_name: e.g. ``layers.3.feed_forward.w2.bias`` or ``tok_embeddings.weight``.
-
-    Returns:
-        e.g. ``blk.3.ffn_down.bias`` or ``token_embd.weight``.
-
-    Raises:
-        CheckpointError: for any name that has no GGUF counterpart (LoRA factors and gates included:
-            they are merged or left out by the caller, never written under a name).
-    """
-    if meta_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[meta_name]
-    m = _LAYER_RE.match(meta_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
-    raise CheckpointError(
-        f"no GGUF name for LLaMA tensor {meta_name!r}; known: {sorted(_GLOBAL_NAMES)} and "
-        f"layers.N.{{{', '.join(sorted(_LAYER_NAMES))}}}"
-    )
 
 
 # --------------------------------------------------------------------------------------------- source
@@ -159,7 +104,7 @@ class GgufSource:
 
     @classmethod
     def from_model_sources(cls, sources: ModelSources) -> GgufSource:
-        """The LLaMA part of :func:`training.reference.loading.open_sources`' result."""
+        """The LLaMA part of :func:`training.reference.model_sources.open_sources`' result."""
         cfg = sources.config
         return cls(
             params=cfg.llama,
@@ -203,156 +148,8 @@ class GgufReport:
     inject_layers: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Planned:
-    """One output tensor: where it comes from and what it becomes."""
-
-    gguf_name: str
-    base_key: str
-    lora: tuple[str, str] | None  # (l1, l2) keys
-    shape: tuple[int, ...]  # Meta/PyTorch (out, in) order; the writer reverses it into ggml's ne
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
-def sentencepiece_vocab(path: Path) -> dict[str, Any]:
-    """Read a SentencePiece model into the GGUF tokenizer fields (``tokenizer.ggml.*``).
-
-    Token types come from ``is_unknown / is_control / is_byte / is_unused`` (plus ``USER_DEFINED`` from
-    the model proto), which number like ``gguf.TokenType``.
-
-    Returns:
-        ``{"tokens", "scores", "types", "bos", "eos", "unk", "pad", "add_space_prefix"}``
-        (``pad`` is ``None`` when the model has none).
-
-    Raises:
-        ConfigError: unreadable model.
-    """
-    import gguf
-    import sentencepiece as spm
-
-    path = Path(path)
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(f"{path} is not a SentencePiece model: {e}") from e
-    user_defined: set[int] = set()
-    add_space_prefix = True
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(path.read_bytes())
-        ud = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-        user_defined = {i for i, p in enumerate(proto.pieces) if p.type == ud}
-        add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
-    except ImportError:  # protobuf missing: user-defined pieces become NORMAL, prefix stays the default
-        log.warning("protobuf unavailable: cannot read user-defined pieces / add_dummy_prefix of %s", path)
-
-    tokens, scores, types = [], [], []
-    for i in range(sp.GetPieceSize()):
-        tokens.append(sp.IdToPiece(i))
-        scores.append(float(sp.GetScore(i)))
-        if sp.IsUnknown(i):
-            t = gguf.TokenType.UNKNOWN
-        elif sp.IsControl(i):
-            t = gguf.TokenType.CONTROL
-        elif sp.IsByte(i):
-            t = gguf.TokenType.BYTE
-        elif sp.IsUnused(i):
-            t = gguf.TokenType.UNUSED
-        elif i in user_defined:
-            t = gguf.TokenType.USER_DEFINED
-        else:
-            t = gguf.TokenType.NORMAL
-        types.append(int(t))
-    pad = sp.pad_id()
-    return {
-        "tokens": tokens, "scores": scores, "types": types, "bos": sp.bos_id(), "eos": sp.eos_id(),
-        "unk": sp.unk_id(), "pad": pad if pad >= 0 else None, "add_space_prefix": add_space_prefix,
-    }
-
-
-# --------------------------------------------------------------------------------------------- planning
-def _expected_shape(gguf_suffix: str, p: LlamaParams) -> tuple[int, ...]:
-    q, kv, ff, d = p.n_heads * p.head_dim, p.kv_heads * p.head_dim, p.hidden_dim, p.dim
-    return {
-        "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
-        "attn_q.weight": (q, d), "attn_k.weight": (kv, d), "attn_v.weight": (kv, d), "attn_output.weight": (d, q),
-        "ffn_gate.weight": (ff, d), "ffn_up.weight": (ff, d), "ffn_down.weight": (d, ff),
-        "attn_q.bias": (q,), "attn_output.bias": (d,), "ffn_gate.bias": (ff,), "ffn_up.bias": (ff,),
-        "ffn_down.bias": (d,),
-        "token_embd.weight": (p.vocab_size, d), "output.weight": (p.vocab_size, d), "output_norm.weight": (d,),
-    }[gguf_suffix]
-
-
-def _plan(src: GgufSource) -> tuple[list[_Planned], list[str]]:
-    """Every output tensor in file order, and the source keys left out on purpose. Reads no data."""
-    p = src.params
-    by_name: dict[str, str] = {}  # gguf name -> base key
-    lora: dict[str, dict[str, str]] = {}  # base key -> {"1": key, "2": key}
-    skipped: list[str] = []
-    for key in src.tensors:
-        m = _LAYER_RE.match(key)
-        if m:
-            layer, rest = int(m.group(1)), m.group(2)
-            if layer >= p.n_layers:
-                raise CheckpointError(f"{key}: layer {layer} beyond n_layers={p.n_layers}")
-            if _RUNTIME_ONLY_RE.match(rest):
-                skipped.append(key)
-                continue
-            lm = _LORA_RE.match(rest)
-            if lm:
-                base = f"layers.{layer}.{lm.group(1)}.{lm.group(2)}.weight"
-                gguf_tensor_name(base)  # raises for a LoRA on something we do not know
-                lora.setdefault(base, {})[lm.group(3)] = key
-                continue
-        by_name[gguf_tensor_name(key)] = key
-
-    required = [f"blk.{i}.{s}" for i in range(p.n_layers) for s in _REQUIRED_LAYER]
-    required += list(_GLOBAL_NAMES.values())
-    missing = [n for n in required if n not in by_name]
-    if missing:
-        raise CheckpointError(f"LLaMA tensors missing for GGUF names {missing[:10]} ({len(missing)} in all)")
-
-    planned = []
-    for name in sorted(by_name, key=_file_order):
-        key = by_name[name]
-        t = src.tensors[key]
-        suffix = name.split(".", 2)[-1] if name.startswith("blk.") else name
-        want = _expected_shape(suffix, p)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{key} has shape {list(t.shape)}, expected {list(want)} for {p}")
-        pair = lora.pop(key, None)
-        lora_keys = None
-        if pair is not None:
-            if set(pair) != {"1", "2"}:
-                raise CheckpointError(f"LoRA of {key} is incomplete: only {sorted(pair.values())}")
-            l1, l2 = src.tensors[pair["1"]], src.tensors[pair["2"]]
-            if l1.dim() != 2 or l2.dim() != 2 or l1.shape[0] != l2.shape[1] or \
-                    (l2.shape[0], l1.shape[1]) != tuple(t.shape):
-                raise CheckpointError(
-                    f"LoRA of {key} ({list(t.shape)}) has factors l1 {list(l1.shape)}, l2 {list(l2.shape)}; "
-                    "expected l1 (rank, in) and l2 (out, rank)"
-                )
-            lora_keys = (pair["1"], pair["2"])
-        planned.append(_Planned(name, key, lora_keys, want))
-    if lora:  # LoRA on a matrix that is not there (cannot happen with a complete base, kept as a guard)
-        raise CheckpointError(f"LoRA factors without a base matrix: {sorted(lora)[:10]}")
-    return planned, skipped
-
-
-def _file_order(name: str) -> tuple[int, int, str]:
-    """token_embd first, then blocks by layer, then output_norm and output (as llama.cpp's converter)."""
-    if name == "token_embd.weight":
-        return (0, 0, name)
-    if name.startswith("blk."):
-        return (1, int(name.split(".")[1]), name)
-    return (2, 0 if name == "output_norm.weight" else 1, name)
-
-
 # ------------------------------------------------------------------------------------------ conversion
-def _convert(src: GgufSource, item: _Planned, out_dtype: np.dtype) -> np.ndarray:
+def _convert(src: GgufSource, item: PlannedTensor, out_dtype: np.dtype) -> np.ndarray:
     """One tensor, merged and cast; the only place data is read.
 
     Peak memory is one float32 copy when a LoRA is merged or F32 is written, else one output copy
@@ -454,7 +251,7 @@ def write_gguf(
     """Convert the LLaMA part of a MU-LLaMA model (base + merged deltas) into a llama.cpp GGUF.
 
     Args:
-        sources: From :func:`training.reference.loading.open_sources` (nothing is loaded in full).
+        sources: From :func:`training.reference.model_sources.open_sources` (nothing is loaded in full).
         out_path: The ``.gguf`` to write; its folder must exist. An existing file is replaced only
             when the new one is complete.
         file_type: ``"f32"`` or ``"f16"`` for the matrices (1-D tensors are always F32). Quantise
@@ -500,7 +297,7 @@ def write_llama_gguf(
     t0 = time.perf_counter()
     status0 = _proc_status()
     peak = status0
-    planned, skipped = _plan(src)
+    planned, skipped = plan_tensors(src.params, src.tensors)
     vocab = sentencepiece_vocab(src.tokenizer_path)
     if len(vocab["tokens"]) != src.params.vocab_size:
         raise ConfigError(
@@ -509,41 +306,36 @@ def write_llama_gguf(
     mat_dtype = np.dtype(np.float16 if file_type == "f16" else np.float32)
     lora_rank = next((src.tensors[it.lora[0]].shape[0] for it in planned if it.lora), 0)
 
-    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:8]}.partial")
-    writer = gguf.GGUFWriter(str(tmp), arch=ARCH)
-    _add_metadata(writer, src, vocab, file_type, int(n_ctx_train), lora_rank)
-    for item in planned:
-        dt = mat_dtype if len(item.shape) > 1 else np.dtype(np.float32)
-        writer.add_tensor_info(item.gguf_name, item.shape, dt, int(np.prod(item.shape)) * dt.itemsize)
-
     releaser = _PageReleaser(release_source_pages)
     try:
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for item in planned:
-                arr = _convert(src, item, mat_dtype if len(item.shape) > 1 else np.dtype(np.float32))
-                writer.write_tensor_data(arr)
-                now = _proc_status()  # sampled while the converted copy is alive: the per-tensor peak
-                if now is not None and peak is not None:
-                    peak = (max(peak[0], now[0]), max(peak[1], now[1]))
-                del arr
-                used = [src.tensors[item.base_key]] + [src.tensors[k] for k in item.lora or ()]
-                releaser.release(used)
-            writer.close()
+        with atomic_path(out_path) as tmp:  # removed on any error: never a partial file at out_path
+            writer = gguf.GGUFWriter(str(tmp), arch=ARCH)
+            try:
+                _add_metadata(writer, src, vocab, file_type, int(n_ctx_train), lora_rank)
+                for item in planned:
+                    dt = mat_dtype if len(item.shape) > 1 else np.dtype(np.float32)
+                    writer.add_tensor_info(item.gguf_name, item.shape, dt, int(np.prod(item.shape)) * dt.itemsize)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for item in planned:
+                    arr = _convert(src, item, mat_dtype if len(item.shape) > 1 else np.dtype(np.float32))
+                    writer.write_tensor_data(arr)
+                    now = _proc_status()  # sampled while the converted copy is alive: the per-tensor peak
+                    if now is not None and peak is not None:
+                        peak = (max(peak[0], now[0]), max(peak[1], now[1]))
+                    del arr
+                    used = [src.tensors[item.base_key]] + [src.tensors[k] for k in item.lora or ()]
+                    releaser.release(used)
+            finally:
+                writer.close()
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, out_path)
-        except OSError as e:
-            raise BundleError(f"cannot write {out_path}: {e}") from e
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise BundleError(f"cannot write {out_path}: {e}") from e
 
     n_bias = sum(1 for it in planned if it.gguf_name.endswith(".bias"))
     largest = max(int(np.prod(it.shape)) * 4 for it in planned)
@@ -608,7 +400,7 @@ def _add_metadata(
 
 # ----------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.reference.loading import open_sources
+    from training.reference.model_sources import open_sources
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)

@@ -1,6 +1,6 @@
 """What is exported to ONNX: one declarative spec per graph, and the torch modules that are traced.
 
-Two graphs carry the audio side of MU-LLaMA (spec section 1) to ONNX Runtime / TensorRT:
+Two graphs carry the audio side of MU-LLaMA (docs/model.md section 1) to ONNX Runtime / TensorRT:
 
 * ``encoder`` - one window of 24 kHz audio through MERT (the reference :class:`~training.reference.mert.MertEncoder`,
   i.e. transformers' ``HubertModel``), reduced to the per-state time-means and the frame count. The
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
-from mullama_sdk.errors import ConfigError, MullamaError
+from mullama_sdk.errors import ConfigError
+from mullama_sdk.manifest import INJECTION, MUSIC_QUERY, N_FRAMES, STATE_MEANS, WAVEFORM
 
 __all__ = [
     "ADAPTER_GRAPH",
@@ -33,7 +34,6 @@ __all__ = [
     "AdapterGraph",
     "DimRange",
     "EncoderGraph",
-    "ExportError",
     "FoldedInjection",
     "GraphSpec",
     "TensorSpec",
@@ -45,10 +45,6 @@ __all__ = [
 #: ONNX opset of every exported graph: the native opset of torch's dynamo exporter (no version
 #: conversion pass) and >= 17 for LayerNormalization; ONNX Runtime and TensorRT 10 both run it.
 OPSET = 18
-
-
-class ExportError(MullamaError):
-    """An exported graph that does not match its spec or its torch source."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +147,11 @@ _SECOND = SAMPLE_RATE_HZ
 
 ENCODER_GRAPH = GraphSpec(
     name="encoder",
-    inputs=(TensorSpec("waveform", "float32", (1, "n_samples")),),
+    # The names are the runtime's (mullama_sdk.manifest), declared once; the specs add dtypes and shapes.
+    inputs=(TensorSpec(WAVEFORM, "float32", (1, "n_samples")),),
     outputs=(
-        TensorSpec("state_means", "float32", ("n_states", "mert_dim")),
-        TensorSpec("n_frames", "int64", ()),
+        TensorSpec(STATE_MEANS, "float32", ("n_states", "mert_dim")),
+        TensorSpec(N_FRAMES, "int64", ()),
     ),
     # The runtime's windows (mullama_sdk.audio.window_bounds) are 400 samples (one MERT frame) .. 30 s
     # long; after the first, long audio is mostly full 30 s windows, hence opt = max.
@@ -169,10 +166,10 @@ ENCODER_GRAPH = GraphSpec(
 
 ADAPTER_GRAPH = GraphSpec(
     name="adapter",
-    inputs=(TensorSpec("state_means", "float32", ("n_states", "mert_dim")),),
+    inputs=(TensorSpec(STATE_MEANS, "float32", ("n_states", "mert_dim")),),
     outputs=(
-        TensorSpec("injection", "float32", ("n_inject", "n_embd")),
-        TensorSpec("music_query", "float32", ("n_embd",)),
+        TensorSpec(INJECTION, "float32", ("n_inject", "n_embd")),
+        TensorSpec(MUSIC_QUERY, "float32", ("n_embd",)),
     ),
     dynamic={},
 )

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export.bundle_layout import onnx_file
 from mullama_sdk.errors import BundleError, DiskFullError
+from mullama_sdk.manifest import ADAPTER_OUTPUTS, ENCODER_OUTPUTS
 
 #: The float32 graphs :meth:`MusicJob.run` writes (the other precisions are made from them).
-ENCODER_FP32 = "encoder.fp32.onnx"
-ADAPTER_FP32 = "adapter.fp32.onnx"
+ENCODER_FP32 = onnx_file("encoder", "fp32")
+ADAPTER_FP32 = onnx_file("adapter", "fp32")
 _JOB = ".music_export.json"
 _WINDOWS = ".music_export.windows.npz"
 _RESULT = ".music_export.result.npz"
@@ -36,7 +38,7 @@ _ERROR = ".music_export.error.json"
 
 @dataclasses.dataclass(frozen=True)
 class MusicJob:
-    """Inputs of :meth:`run`: the sources as :func:`training.reference.loading.open_sources` takes them (paths), the
+    """Inputs of :meth:`run`: the sources as :func:`training.reference.model_sources.open_sources` takes them (paths), the
     folder for the two graphs, the check windows and torch's thread count (the same arithmetic in a child
     as in the parent)."""
 
@@ -53,16 +55,23 @@ class MusicJob:
         outputs on ``windows`` (:class:`export.verify.OnnxReference`)."""
         import torch
 
-        from export.onnx_export import export_adapter, export_encoder
         from export.verify import onnx_reference
-        from training.reference.loading import build_music_model, open_sources
+        from training.reference.build import build_music_model
+        from training.reference.model_sources import open_sources
 
         torch.set_num_threads(self.torch_threads)
         src = open_sources(self.checkpoint, self.llama_dir, self.mert_dir, trust_pickle=self.trust_pickle)
         music = build_music_model(src)
-        export_encoder(music, Path(self.folder) / ENCODER_FP32)
-        export_adapter(music, Path(self.folder) / ADAPTER_FP32)
+        write_fp32_graphs(music, Path(self.folder))
         return onnx_reference(music, list(self.windows))
+
+
+def write_fp32_graphs(music, folder: Path) -> None:
+    """:data:`ENCODER_FP32` and :data:`ADAPTER_FP32` of a torch music model (the benchmarks call it too)."""
+    from export.onnx_export import export_adapter, export_encoder
+
+    export_encoder(music, folder / ENCODER_FP32)
+    export_adapter(music, folder / ADAPTER_FP32)
 
 
 # The job and its result cross the process boundary as JSON and .npz files (no pickle: nothing here
@@ -101,19 +110,18 @@ def _load_reference(path: Path, windows: tuple[np.ndarray, ...]):
         def part(name: str, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], ...]:
             return tuple({k: z[f"{name}{i}.{k}"] for k in keys} for i in range(len(windows)))
 
-        return OnnxReference(windows, part("encoder", ("state_means", "n_frames")),
-                             part("adapter", ("injection", "music_query")))
+        return OnnxReference(windows, part("encoder", ENCODER_OUTPUTS),
+                             part("adapter", ADAPTER_OUTPUTS))
 
 
 def _error_type(name: str) -> type[Exception]:
-    """The exception class a child reported: ours (the :mod:`mullama_sdk.errors` family, ExportError) or
+    """The exception class a child reported: ours (the :mod:`mullama_sdk.errors` family) or
     a builtin; anything else becomes :class:`BundleError`."""
     import builtins
 
-    from export.graphs import ExportError
     from mullama_sdk import errors
 
-    known = {cls.__name__: cls for cls in (ExportError, *vars(errors).values())
+    known = {cls.__name__: cls for cls in vars(errors).values()
              if isinstance(cls, type) and issubclass(cls, Exception)}
     builtin = getattr(builtins, name, None)
     if name in known:
@@ -148,9 +156,9 @@ def run_in_child(job: MusicJob):
     """:meth:`MusicJob.run` in a fresh Python process; its exception, if any, is raised here (same type).
 
     The child dies with this process (``PR_SET_PDEATHSIG`` on Linux, and it is killed when this process
-    is interrupted), and is registered for :func:`export.safety.termination_handlers`' emergency exit.
+    is interrupted), and is registered for :func:`export.interrupts.termination_handlers`' emergency exit.
     """
-    from export import safety
+    from export import interrupts, safety
 
     folder = Path(job.folder)
     try:
@@ -161,7 +169,7 @@ def run_in_child(job: MusicJob):
         proc = subprocess.Popen([sys.executable, "-m", "export.music_export", str(job_path), str(os.getpid())],
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, encoding="utf-8", errors="replace")
-        with safety.on_emergency(proc.kill):
+        with interrupts.on_emergency(proc.kill):
             try:
                 _stdout, stderr = proc.communicate()
             except BaseException:
@@ -189,9 +197,9 @@ def run_in_child(job: MusicJob):
 
 
 def _child_main(job_path: str, parent_pid: int | None = None) -> int:
-    from export import safety
+    from export import interrupts, safety
 
-    safety.die_with_parent(parent_pid)
+    interrupts.die_with_parent(parent_pid)
     folder = Path(job_path).parent
     try:
         job = _load_job(Path(job_path))

@@ -35,12 +35,12 @@ from export.graphs import (
     ENCODER_GRAPH,
     AdapterGraph,
     EncoderGraph,
-    ExportError,
     GraphSpec,
     adapter_dims,
     encoder_dims,
 )
 from mullama_sdk.constants import SAMPLE_RATE_HZ
+from mullama_sdk.errors import ExportError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from mullama_sdk.errors import BundleError, ConfigError
+from mullama_sdk.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -169,20 +170,18 @@ def quantize_gguf(
             log.warning("%s", msg)
             warnings.append(msg)
 
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        tmp.touch()  # fail early, with a clear message, if the folder is not writable
-    except OSError as e:
-        if is_disk_full(e, dst.parent):
-            raise disk_full_error(dst, dst.parent) from e
-        raise BundleError(f"cannot write {dst}: {e}") from e
-
     route_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = spec.ftype
     params.nthread = 0 if nthread is None else int(nthread)  # 0: llama.cpp uses hardware_concurrency
-    t0 = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as staging:
+        try:  # removed on any error: never a partial file at dst
+            tmp = staging.enter_context(atomic_path(dst))
+        except OSError as e:  # fail early, with a clear message, if the folder is not writable
+            if is_disk_full(e, dst.parent):
+                raise disk_full_error(dst, dst.parent) from e
+            raise BundleError(f"cannot write {dst}: {e}") from e
+        t0 = time.perf_counter()
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 and is_disk_full(None, tmp.parent):  # checked before the partial output is removed
             raise disk_full_error(dst, tmp.parent)
@@ -193,10 +192,6 @@ def quantize_gguf(
             )
         seconds = time.perf_counter() - t0
         types = tensor_types(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
     report = QuantReport(
         src=src, dst=dst, quant=key, seconds=seconds, src_bytes=src.stat().st_size, n_bytes=dst.stat().st_size,

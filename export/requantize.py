@@ -27,8 +27,15 @@ from pathlib import Path
 from mullama_sdk.bundle_files import check_files, safe_member
 from mullama_sdk.cpu import INT8_SCHEME
 from mullama_sdk.errors import BundleError
-from mullama_sdk.files import sha256_file
-from mullama_sdk.manifest import MANIFEST_NAME, int8_manifest_entry, load_manifest, parse_manifest
+from mullama_sdk.manifest import (
+    MANIFEST_NAME,
+    STATE_MEANS,
+    WAVEFORM,
+    FileEntry,
+    int8_manifest_entry,
+    load_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +91,10 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         BundleError: not a bundle, no fp32 or no int8 graphs to replace, a damaged fp32 graph, a failed
             comparison (with ``strict``), or the folder cannot be written.
     """
-    from export.onnx_precision import compare_onnx, quantize_int8, run_graph
+    from export.onnx_compare import compare_onnx, run_graph
+    from export.onnx_precision import quantize_int8
     from export.safety import make_partial, publish
-    from export.verify import check_windows, onnx_row
+    from export.verify import check_windows, failed_rows, onnx_row
 
     say = progress or (lambda msg: log.info("%s", msg))
     t0 = time.perf_counter()
@@ -123,15 +131,15 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         windows = check_windows(min_samples=manifest.min_window_samples)
         enc32, enc8 = stage / manifest.encoder["fp32"], stage / manifest.encoder["int8"]
         ad32, ad8 = stage / manifest.adapter["fp32"], stage / manifest.adapter["int8"]
-        feeds = [{"waveform": w[None]} for w in windows]
+        feeds = [{WAVEFORM: w[None]} for w in windows]
         enc_ref = run_graph(enc32, feeds, threads=threads)  # also the adapter's inputs
         enc_report = compare_onnx(enc32, enc8, feeds, threads=threads, reference=enc_ref)
-        ad_report = compare_onnx(ad32, ad8, [{"state_means": r["state_means"]} for r in enc_ref], threads=threads)
+        ad_report = compare_onnx(ad32, ad8, [{STATE_MEANS: r[STATE_MEANS]} for r in enc_ref], threads=threads)
         checks = tuple(
             dataclasses.replace(row, note=f"{row.note} vs the bundle's fp32 graphs (re-quantized)")
             for row in (onnx_row("encoder", "int8", enc_report, enc8), onnx_row("adapter", "int8", ad_report, ad8))
         )
-        failed = [c.name for c in checks if not c.passed]
+        failed = failed_rows(checks)
         if failed and strict:
             raise BundleError(f"re-quantized {', '.join(failed)} failed verification ("
                               + "; ".join(f"{c.name}: min cos {c.min_cosine}, needs {c.tolerance}" for c in checks)
@@ -142,15 +150,14 @@ def requantize_bundle(bundle: Path, *, force: bool = False, strict: bool = True,
         for name in sorted(replaced):
             path = stage / name
             if path.is_file():
-                files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                files[name] = FileEntry.of(path).to_dict()
         raw["files"] = dict(sorted(files.items()))
         raw.setdefault("quantization", {})["int8"] = int8_manifest_entry(INT8_SCHEME)
         raw.setdefault("verification", {}).update({c.name: c.to_dict() for c in checks})
         raw["notes"] = [*raw.get("notes", []), (
             f"int8 graphs re-quantized with {INT8_SCHEME} (was {old_scheme}) from the bundle's fp32 graphs on "
             f"{time.strftime('%Y-%m-%d', time.gmtime())}; their rows compare with the fp32 graphs")]
-        parse_manifest(raw, where="re-quantized manifest")
-        (stage / MANIFEST_NAME).write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+        write_manifest(stage, raw, where="re-quantized manifest", atomic=False)  # the stage is published whole
         publish(stage, bundle)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

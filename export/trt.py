@@ -43,16 +43,9 @@ from mullama_sdk import encoder_trt
 from mullama_sdk.bundle_files import check_files, safe_member
 from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.encoder_trt import INSTALL_HINT, GpuInfo, trt_logger
-from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
-from mullama_sdk.files import sha256_file
-from mullama_sdk.manifest import (
-    MANIFEST_NAME,
-    TRT_PRECISIONS,
-    TrtEngines,
-    WaveformProfile,
-    load_manifest,
-    parse_manifest,
-)
+from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError, ExportError
+from mullama_sdk.manifest import MANIFEST_NAME, WAVEFORM, FileEntry, load_manifest, write_manifest
+from mullama_sdk.manifest_trt import TRT_PRECISIONS, TrtEngines, WaveformProfile
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +137,6 @@ def build_engine(trt: Any, onnx_path: Path, out_path: Path, *, profile: Waveform
     Raises:
         ExportError: TensorRT cannot parse or build the graph (with its error messages).
     """
-    from export.graphs import ExportError
-
     logger = trt_logger(trt)
     t0 = time.perf_counter()
     builder = trt.Builder(logger)
@@ -170,12 +161,12 @@ def build_engine(trt: Any, onnx_path: Path, out_path: Path, *, profile: Waveform
         if any(d < 0 for d in shape):
             dynamic.append((t.name, shape))
     if dynamic:
-        if profile is None or [n for n, _ in dynamic] != ["waveform"]:
+        if profile is None or [n for n, _ in dynamic] != [WAVEFORM]:
             raise ExportError(f"{onnx_path.name} has dynamic inputs {dynamic}; only the encoder's waveform "
                               f"length has a profile")
         _, shape = dynamic[0]
         opt_profile = builder.create_optimization_profile()
-        opt_profile.set_shape("waveform", (shape[0] if shape[0] > 0 else 1, profile.min),
+        opt_profile.set_shape(WAVEFORM, (shape[0] if shape[0] > 0 else 1, profile.min),
                               (shape[0] if shape[0] > 0 else 1, profile.opt),
                               (shape[0] if shape[0] > 0 else 1, profile.max))
         config.add_optimization_profile(opt_profile)
@@ -206,7 +197,7 @@ def build_bundle_engines(bundle: Path, options: TrtBuildOptions = TrtBuildOption
         BackendUnavailableError: no tensorrt / cuda-python / CUDA device here (the message names which).
         BundleError: not a bundle, no fp32 graphs, unwritable folder, or (``strict``) verification failed.
     """
-    from export.verify import compare_trt, format_table, trt_check_windows
+    from export.verify import compare_trt, failed_rows, format_table, trt_check_windows
 
     say = progress or (lambda msg: log.info("%s", msg))
     bundle = Path(bundle)
@@ -245,7 +236,7 @@ def build_bundle_engines(bundle: Path, options: TrtBuildOptions = TrtBuildOption
                              safe_member(bundle, sources["adapter"]),
                              trt_check_windows(options.profile), precision=p, threads=threads)
         say("\n" + format_table(checks))
-        failed = [c.name for c in checks if not c.passed]
+        failed = failed_rows(checks)
         if failed and options.strict:
             raise BundleError(f"TensorRT verification failed for {', '.join(failed)}; no engine was added to {bundle}")
         entry = TrtEngines(
@@ -286,21 +277,10 @@ def _fit_profile_to_bundle(options: TrtBuildOptions, bundle_min: int, bundle: Pa
 
 def _update_manifest(bundle: Path, entry: TrtEngines, checks) -> None:
     """Add the engines to ``files``, ``trt`` and ``verification``; validate; replace mullama.json atomically."""
-    path = bundle / MANIFEST_NAME
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
     for name in (entry.encoder, entry.adapter):
-        f = bundle / name
-        raw["files"][name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        raw["files"][name] = FileEntry.of(bundle / name).to_dict()
     raw.setdefault("trt", {})[entry.precision] = entry.to_dict()
     raw.setdefault("verification", {}).update({c.name: c.to_dict() for c in checks})
     raw.setdefault("versions", {})["tensorrt"] = entry.tensorrt_version
-    parse_manifest(raw, where="updated manifest")
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=bundle)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_manifest(bundle, raw, where="updated manifest")

@@ -25,7 +25,7 @@ from mullama_sdk.audio import load_audio, window_bounds
 from mullama_sdk.bundle_files import safe_member
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
 from mullama_sdk.cpu import INT8_WEIGHT_LIMIT
-from mullama_sdk.manifest import Manifest
+from mullama_sdk.manifest import INJECTION, MUSIC_QUERY, N_FRAMES, STATE_MEANS, WAVEFORM, Manifest
 from mullama_sdk.prompt import CAPTION_QUESTIONS
 
 #: (max relative error, min cosine) per graph and precision; relative = max|x - y| / max|y|.
@@ -110,7 +110,7 @@ def onnx_row(graph: str, precision: str, report, path: Path) -> Check:
     """One row for the graph file ``path``; for int8 also its weight range, which keeps every CPU's kernel exact."""
     max_rel_tol, min_cos = ONNX_TOLERANCES[(graph, precision)]
     # The row's verdict rests on the graph's main output (the means / the injection vectors).
-    main = report["state_means" if graph == "encoder" else "injection"]
+    main = report[STATE_MEANS if graph == "encoder" else INJECTION]
     rel = max(o.max_rel for o in report.outputs)
     cos = main.min_cosine
     ok = True
@@ -122,7 +122,7 @@ def onnx_row(graph: str, precision: str, report, path: Path) -> Check:
         ok &= cos is not None and cos >= min_cos
         parts.append(f"cos >= {min_cos:g}")
     if graph == "encoder":
-        frames = report["n_frames"]
+        frames = report[N_FRAMES]
         ok &= frames.max_abs == 0
         parts.append("frames equal")
     if precision == "int8":
@@ -146,22 +146,22 @@ class OnnxReference:
 
     @property
     def state_means(self) -> list[np.ndarray]:
-        return [r["state_means"] for r in self.encoder]
+        return [r[STATE_MEANS] for r in self.encoder]
 
 
 def onnx_reference(model, windows: Sequence[np.ndarray]) -> OnnxReference:
     """Run the torch music model (:class:`~training.reference.model.MullamaModel` or its music part) on ``windows``."""
-    from export.onnx_precision import adapter_reference, encoder_reference
+    from export.onnx_compare import adapter_reference, encoder_reference
 
     encoder = encoder_reference(model, windows)
-    adapter = adapter_reference(model, [r["state_means"] for r in encoder])
+    adapter = adapter_reference(model, [r[STATE_MEANS] for r in encoder])
     return OnnxReference(tuple(windows), tuple(encoder), tuple(adapter))
 
 
 def onnx_checks(reference: OnnxReference, bundle_dir: Path, manifest: Manifest,
                 precisions: Iterable[str] | None = None, threads: int | None = None) -> list[Check]:
     """Each ONNX graph of the bundle (every precision present) against the torch reference's outputs."""
-    from export.onnx_precision import compare_adapter, compare_encoder
+    from export.onnx_compare import compare_adapter, compare_encoder
 
     rows = []
     for p in list(precisions or manifest.encoder):
@@ -177,7 +177,7 @@ def llm_checks(model, bundle_dir: Path, manifest: Manifest, windows: Sequence[np
                quants: Iterable[str] | None = None, threads: int | None = None) -> list[Check]:
     """Each GGUF of the bundle, hooked, against the torch reference's logits over whole prompts.
 
-    Needs the full reference model (:func:`training.reference.loading.build_model`).
+    Needs the full reference model (:func:`training.reference.build.build_model`).
     """
     import torch
 
@@ -227,6 +227,11 @@ def llm_checks(model, bundle_dir: Path, manifest: Manifest, windows: Sequence[np
     return rows
 
 
+def failed_rows(checks: Iterable[Check]) -> list[str]:
+    """Names of the rows that failed (a skipped row is not a failure): what fails an export or ``verify``."""
+    return [c.name for c in checks if not c.passed and not c.skipped]
+
+
 def format_table(checks: Sequence[Check]) -> str:
     """The rows as an aligned text table (column widths from the contents)."""
     rows = [("check", "max abs", "max rel", "min cos", "tolerance", "result", "note")]
@@ -263,7 +268,7 @@ def compare_trt(encoder_engine: Path, adapter_engine: Path, encoder_onnx: Path, 
 
     The adapter engine gets the ORT encoder's frame-weighted means, as does the ORT adapter.
     """
-    from export.onnx_precision import _report, _run, _session
+    from export.onnx_compare import cpu_session, error_report, run_session
     from mullama_sdk.encoder_trt import TensorRTMusicEncoder
 
     tol = TRT_TOLERANCES[precision]
@@ -272,33 +277,33 @@ def compare_trt(encoder_engine: Path, adapter_engine: Path, encoder_onnx: Path, 
         used = [w for w in windows if enc.profile.contains(len(w))]
         if not used:
             raise ValueError(f"no check window lies inside the engine's profile {enc.profile}")
-        ort_enc, ort_ad = _session(encoder_onnx, threads), _session(adapter_onnx, threads)
+        ort_enc, ort_ad = cpu_session(encoder_onnx, threads), cpu_session(adapter_onnx, threads)
         refs, outs = [], []
         for w in used:
             w = np.ascontiguousarray(w, np.float32)
-            refs.append(_run(ort_enc, {"waveform": w[None]}))
+            refs.append(run_session(ort_enc, {WAVEFORM: w[None]}))
             means, frames = enc.window_means(w)
-            outs.append({"state_means": means, "n_frames": np.asarray(frames, np.int64)})
-        enc_report = _report("encoder", Path(encoder_engine).name, Path(encoder_onnx).name, refs, outs)
-        total = sum(int(r["n_frames"]) for r in refs)
-        mixed = sum(r["state_means"].astype(np.float64) * int(r["n_frames"]) for r in refs) / total
-        feeds = [r["state_means"] for r in refs] + [mixed.astype(np.float32)]
-        ad_refs = [_run(ort_ad, {"state_means": h}) for h in feeds]
+            outs.append({STATE_MEANS: means, N_FRAMES: np.asarray(frames, np.int64)})
+        enc_report = error_report("encoder", Path(encoder_engine).name, Path(encoder_onnx).name, refs, outs)
+        total = sum(int(r[N_FRAMES]) for r in refs)
+        mixed = sum(r[STATE_MEANS].astype(np.float64) * int(r[N_FRAMES]) for r in refs) / total
+        feeds = [r[STATE_MEANS] for r in refs] + [mixed.astype(np.float32)]
+        ad_refs = [run_session(ort_ad, {STATE_MEANS: h}) for h in feeds]
         ad_outs = []
         for h in feeds:
             injection, query = enc.adapt(h)
-            ad_outs.append({"injection": injection, "music_query": query})
-        ad_report = _report("adapter", Path(adapter_engine).name, Path(adapter_onnx).name, ad_refs, ad_outs)
+            ad_outs.append({INJECTION: injection, MUSIC_QUERY: query})
+        ad_report = error_report("adapter", Path(adapter_engine).name, Path(adapter_onnx).name, ad_refs, ad_outs)
     finally:
         enc.close()
     rows = []
     for graph, report in (("encoder", enc_report), ("adapter", ad_report)):
-        main = report["state_means" if graph == "encoder" else "injection"]
+        main = report[STATE_MEANS if graph == "encoder" else INJECTION]
         rel = max(o.max_rel for o in report.outputs)
         ok = rel <= tol
         parts = [f"rel <= {tol:g} vs ORT fp32"]
         if graph == "encoder":
-            ok &= report["n_frames"].max_abs == 0
+            ok &= report[N_FRAMES].max_abs == 0
             parts.append("frames equal")
         skipped = len(windows) - len(used)
         note = f"{report.n_cases} inputs" + (f" ({skipped} outside the profile)" if graph == "encoder" and skipped

@@ -17,6 +17,7 @@ from .errors import (
     ConfigError,
     ContextLengthError,
     MullamaError,
+    OptionError,
 )
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "BundleError",
     "Caption",
     "Captioner",
+    "GenerationOptions",
     "MusicVectors",
     "Segment",
     "Timings",
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "ContextLengthError",
     "MullamaError",
+    "OptionError",
     "__version__",
 ]
 
@@ -41,10 +44,11 @@ __all__ = [
 # package (e.g. for its errors) does not load ONNX Runtime or llama.cpp.
 _LAZY = {
     "Captioner": "mullama_sdk.captioner",
-    "Caption": "mullama_sdk.captioner",
-    "MusicVectors": "mullama_sdk.captioner",
-    "Timings": "mullama_sdk.captioner",
-    "Segment": "mullama_sdk.captioner",
+    "GenerationOptions": "mullama_sdk.options",
+    "Caption": "mullama_sdk.results",
+    "MusicVectors": "mullama_sdk.results",
+    "Timings": "mullama_sdk.results",
+    "Segment": "mullama_sdk.results",
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-#: MERT's input rate; every waveform is resampled to this before anything else (spec section 1).
+#: MERT's input rate; every waveform is resampled to this before anything else (docs/model.md section 1).
 SAMPLE_RATE_HZ = 24_000
 
 #: Longest waveform the encoder sees in one pass; longer audio is split into windows.
@@ -15,7 +15,7 @@ MAX_WINDOW_SECONDS = 30.0
 #: A bundle states its own minimum (manifest ``audio.min_window_samples``); older bundles say 0.5 s.
 MIN_WINDOW_SAMPLES = 400
 
-#: Defaults of the original inference script (spec section 4).
+#: Defaults of the original inference script (docs/model.md section 4).
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.8
 DEFAULT_MAX_NEW_TOKENS = 512

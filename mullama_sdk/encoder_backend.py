@@ -18,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mullama_sdk import encoder_trt
 from mullama_sdk.bundle_files import safe_member
 from mullama_sdk.cpu import INT8_SCHEMES, LEGACY_INT8_SCHEME, int8_kernel
 from mullama_sdk.errors import BackendUnavailableError, BundleError
 from mullama_sdk.manifest import ENCODER_PRECISIONS, Manifest, TrtEngines
+
+if TYPE_CHECKING:
+    from mullama_sdk.encoding import MusicEncoder
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +191,8 @@ def _int8_here(manifest: Manifest, *, forced: bool) -> str:
 
 
 def open_encoder(choice: EncoderChoice, bundle_dir: Path, manifest: Manifest, *, n_threads: int | None,
-                 low_memory: bool = False) -> Any:
-    """Load the chosen encoder; TensorRT that fails to load falls back to ONNX Runtime unless forced.
+                 low_memory: bool = False) -> MusicEncoder:
+    """Load the chosen encoder (either backend implements :class:`~mullama_sdk.encoding.MusicEncoder`); TensorRT that fails to load falls back to ONNX Runtime unless forced.
     ``low_memory`` applies to ONNX Runtime (see :func:`mullama_sdk.encoder_ort.session_options`)."""
     from mullama_sdk.encoder_ort import OnnxMusicEncoder
 

@@ -68,7 +68,8 @@ def session_options(n_threads: int | None, *, prepack: bool = True, arena: bool 
 
 
 class OnnxMusicEncoder:
-    """Owns the two ONNX Runtime sessions; thread-safe (ORT sessions allow concurrent ``run``)."""
+    """The :class:`~mullama_sdk.encoding.MusicEncoder` on ONNX Runtime: owns the two sessions; thread-safe
+    (ORT sessions allow concurrent ``run``)."""
 
     def __init__(self, encoder_path: Path, adapter_path: Path, *, providers: list[str], n_threads: int | None,
                  low_memory: bool = False):

@@ -1,6 +1,7 @@
 """The music encoder on TensorRT: serialized engines (``mullama-export trt``) run with the TensorRT runtime.
 
-Same interface as :class:`~mullama_sdk.encoder_ort.OnnxMusicEncoder` (``window_means``, ``adapt``, ``close``).
+:class:`TensorRTMusicEncoder` implements :class:`~mullama_sdk.encoding.MusicEncoder` (``window_means``,
+``adapt``, ``close``), as :class:`~mullama_sdk.encoder_ort.OnnxMusicEncoder` does on ONNX Runtime.
 
 Nothing here is imported before it is needed: ``tensorrt`` and cuda-python load on first use, so the
 module imports (and its probes report why not) on machines without them.
@@ -31,15 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from mullama_sdk.errors import BackendUnavailableError, BundleError
+from mullama_sdk.errors import BackendUnavailableError, BundleError, ClosedError
 from mullama_sdk.manifest import (
     ADAPTER_INPUTS,
     ADAPTER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
-    TrtEngines,
-    WaveformProfile,
 )
+from mullama_sdk.manifest_trt import TrtEngines, WaveformProfile
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class TrtGraph:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the engine once: host arrays in, host arrays out (synchronous)."""
         if self._context is None:
-            raise RuntimeError(f"{self.path.name}: this TensorRT engine is closed")
+            raise ClosedError(f"{self.path.name}: this TensorRT engine is closed")
         ctx = self._context
         keep = []  # host arrays must stay alive until the stream is synchronised
         for name in self.inputs:
@@ -346,7 +346,7 @@ class TrtGraph:
 
 # --------------------------------------------------------------------------------- the encoder pair
 class TensorRTMusicEncoder:
-    """Encoder + adapter engines; thread-safe (one lock per engine).
+    """Encoder + adapter engines, a :class:`~mullama_sdk.encoding.MusicEncoder`; thread-safe (one lock per engine).
 
     Args:
         encoder_path, adapter_path: Serialized engines written by ``mullama-export trt``.
@@ -415,7 +415,7 @@ class TensorRTMusicEncoder:
     @staticmethod
     def _open(graph: TrtGraph | None) -> TrtGraph:
         if graph is None:
-            raise RuntimeError("this TensorRTMusicEncoder is closed")
+            raise ClosedError("this TensorRTMusicEncoder is closed")
         return graph
 
     def close(self) -> None:

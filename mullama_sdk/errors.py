@@ -46,3 +46,8 @@ class ClosedError(MullamaError, RuntimeError):
 
 class ExportError(MullamaError):
     """An export step whose result does not match its spec or its source (an ONNX graph, a GGUF, a bundle)."""
+
+
+class OptionError(MullamaError, ValueError):
+    """An argument outside its valid values (a generation option such as ``max_new_tokens`` or
+    ``temperature``); the message names the values that would be valid."""

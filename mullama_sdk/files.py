@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,9 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[P
     exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A fresh unique name, not a file: the writer creates it with the usual permissions (0644 under the
+    # common umask; mkstemp would make it 0600 and a bundle unreadable to other users).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -59,7 +59,7 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[P
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -7,15 +7,23 @@ runner takes logits and leaves sampling to :class:`mullama_sdk.sampling.Sampler`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mullama_sdk.errors import BackendUnavailableError, BundleError, ContextLengthError, MullamaError
+from mullama_sdk.errors import (
+    BackendUnavailableError,
+    BundleError,
+    ClosedError,
+    ContextLengthError,
+    MullamaError,
+)
+from native_bridge.errors import NativeBridgeError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,18 @@ def route_llama_logs() -> None:
         lc.llama_log_set(_log_state["callback"], ctypes.c_void_p(None))
 
 
-def _ensure_backend() -> None:
+@contextlib.contextmanager
+def native_bridge_errors() -> Iterator[None]:
+    """Around calls into :mod:`native_bridge` (which knows nothing of the SDK): its
+    :class:`~native_bridge.errors.NativeBridgeError` reaches the SDK's callers as
+    :class:`~mullama_sdk.errors.BackendUnavailableError`, the type they catch for "cannot run here"."""
+    try:
+        yield
+    except NativeBridgeError as e:
+        raise BackendUnavailableError(str(e)) from e
+
+
+def ensure_backend() -> None:
     """``llama_backend_init`` once per process, with llama.cpp's logging routed to :mod:`logging`."""
     global _backend_ready
     route_llama_logs()
@@ -89,7 +108,7 @@ class LlamaModel:
         weights are then not copied into the interleaved layout of its AVX2 kernels, which saves a second
         copy of them in memory (+0.39 GB for 0.67 GB of q4_k_m at 4 layers of 7B) but decodes slower
         (bench/RESULTS.md, memory section). Other quantizations are not repacked either way."""
-        _ensure_backend()
+        ensure_backend()
         self._lc = lc = _llama_cpp()
         self._model = None
         self.path = Path(path)
@@ -115,7 +134,7 @@ class LlamaModel:
     def handle(self):
         """The raw ``llama_model *``; using a closed model is a programming error, not a native crash."""
         if self._model is None:
-            raise RuntimeError(f"the model {self.path.name} is closed")
+            raise ClosedError(f"the model {self.path.name} is closed")
         return self._model
 
     @property
@@ -222,10 +241,11 @@ class LlamaContext:
         if n_threads:
             p.n_threads = p.n_threads_batch = n_threads
         p.no_perf = True
-        if exact:
-            set_exact_arithmetic(p)
-        if hook is not None:
-            apply_to_context_params(p, hook)
+        with native_bridge_errors():
+            if exact:
+                set_exact_arithmetic(p)
+            if hook is not None:
+                apply_to_context_params(p, hook)
         # The callback must not reference self: a cycle would leave the context to the cyclic GC, which
         # may then free the model before this context (llama_free after llama_model_free).
         abort = self._abort
@@ -239,7 +259,8 @@ class LlamaContext:
         self.n_ctx = lc.llama_n_ctx(self._ctx)
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(max(p.n_batch, 1), 0, 1)
-        self._batch_cap = max(p.n_batch, 1)
+        #: Most tokens one ``llama_decode`` takes; :meth:`decode` splits longer inputs into such chunks.
+        self.n_batch = max(p.n_batch, 1)
 
     def request_abort(self) -> None:
         """Make the running (or next) ``llama_decode`` stop early; it then raises ``InterruptedError``."""
@@ -251,7 +272,7 @@ class LlamaContext:
 
     def _check_open(self) -> None:
         if self._ctx is None:
-            raise RuntimeError("the llama.cpp context is closed")
+            raise ClosedError("the llama.cpp context is closed")
 
     def clear(self, seq_id: int = -1, keep: int = 0) -> None:
         """Forget KV cells: all of them, or those of ``seq_id`` from position ``keep`` on."""
@@ -267,13 +288,12 @@ class LlamaContext:
         positions: Sequence[int],
         seq_ids: Sequence[int],
         want_logits: Sequence[bool],
-        row_clips: Sequence[int] | None = None,
     ) -> list[np.ndarray]:
-        """Run ``tokens`` (any number: split into ``n_batch`` chunks) through the model.
+        """Run ``tokens`` (any number: split into :attr:`n_batch` chunks) through the model.
 
-        Args:
-            row_clips: Clip number per token for the music hook (-1 = none); ``None`` leaves the hook's
-                single-clip setting in force.
+        The music hook's state (vectors, which clip each row belongs to) is programmed by
+        :mod:`mullama_sdk.generation`, not here: with several clips in one batch it calls this with at
+        most :attr:`n_batch` tokens at a time, so that each call is one ``llama_decode``.
 
         Returns:
             Logits (float32 copies, ``n_vocab``) of every token with ``want_logits``, in order.
@@ -288,8 +308,8 @@ class LlamaContext:
         if bad:
             raise ValueError(f"token ids outside 0..{self.model.n_vocab - 1}: {bad[:5]}")
         out: list[np.ndarray] = []
-        for start in range(0, n, self._batch_cap):
-            end = min(n, start + self._batch_cap)
+        for start in range(0, n, self.n_batch):
+            end = min(n, start + self.n_batch)
             b = self._batch
             for j, i in enumerate(range(start, end)):
                 b.token[j] = tokens[i]
@@ -298,8 +318,6 @@ class LlamaContext:
                 b.seq_id[j][0] = seq_ids[i]
                 b.logits[j] = bool(want_logits[i])
             b.n_tokens = end - start
-            if row_clips is not None and self.hook is not None:
-                self.hook.set_row_clips(row_clips[start:end])
             rc = self._lc.llama_decode(self._ctx, b)
             if rc == 2:
                 self._abort.clear()

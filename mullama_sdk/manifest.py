@@ -18,6 +18,9 @@ from typing import Any
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.cpu import INT8_SCHEME, INT8_SCHEMES, INT8_WEIGHT_LIMIT, LEGACY_INT8_SCHEME
 from mullama_sdk.errors import BundleError
+from mullama_sdk.files import atomic_path, sha256_file
+from mullama_sdk.manifest_fields import need_field, optional_field
+from mullama_sdk.manifest_trt import TrtEngines, parse_trt_section
 
 MANIFEST_NAME = "mullama.json"
 BUNDLE_FORMAT = "mullama-bundle"
@@ -25,18 +28,30 @@ BUNDLE_FORMAT_VERSION = 1
 
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
 LLM_QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
-#: Precisions of TensorRT engines (``mullama-export trt``); int8 would need Q/DQ nodes in the graph.
-TRT_PRECISIONS = ("fp32", "fp16")
 
-#: ONNX graph interfaces (input and output names) the runtime relies on.
-ENCODER_INPUTS, ENCODER_OUTPUTS = ("waveform",), ("state_means", "n_frames")
-ADAPTER_INPUTS, ADAPTER_OUTPUTS = ("state_means",), ("injection", "music_query")
+#: ONNX graph interfaces (input and output names) the runtime relies on, declared once: the exporter's graph
+#: specs (``export.graphs``) and every feed and comparison use these names.
+WAVEFORM, STATE_MEANS, N_FRAMES = "waveform", "state_means", "n_frames"
+INJECTION, MUSIC_QUERY = "injection", "music_query"
+ENCODER_INPUTS, ENCODER_OUTPUTS = (WAVEFORM,), (STATE_MEANS, N_FRAMES)
+ADAPTER_INPUTS, ADAPTER_OUTPUTS = (STATE_MEANS,), (INJECTION, MUSIC_QUERY)
 
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
+    """One row of the manifest's ``files`` table: what the runtime checks a bundle file against."""
+
     size: int
     sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileEntry:
+        """The entry of the file at ``path`` as it is now (hashed in full)."""
+        return cls(size=Path(path).stat().st_size, sha256=sha256_file(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest form, ``{"size": ..., "sha256": ...}``."""
+        return {"size": self.size, "sha256": self.sha256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,64 +67,6 @@ class Dims:
     mert_dim: int
     mert_states: int
     n_inject: int
-
-
-@dataclasses.dataclass(frozen=True)
-class WaveformProfile:
-    """A TensorRT optimization profile of the encoder input ``waveform (1, n_samples)``, in samples.
-
-    The engine accepts ``min <= n_samples <= max`` and is tuned for ``opt``.
-    """
-
-    min: int
-    opt: int
-    max: int
-
-    def contains(self, n_samples: int) -> bool:
-        return self.min <= n_samples <= self.max
-
-    def seconds(self, sample_rate: int) -> str:
-        return f"{self.min / sample_rate:g}..{self.max / sample_rate:g} s (opt {self.opt / sample_rate:g} s)"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrtEngines:
-    """One pair of TensorRT engines (encoder + adapter) from the manifest's optional ``trt`` section.
-
-    Serialized engines only run with the TensorRT release and the GPU architecture they were built
-    for, so both are recorded (see :func:`mullama_sdk.encoder_trt.engine_incompatibility`).
-
-    Attributes:
-        precision: ``fp32`` or ``fp16``.
-        encoder, adapter: Engine file names (listed under ``files``).
-        tensorrt_version: ``tensorrt.__version__`` of the build (e.g. ``"10.13.0.35"``).
-        gpu_name: Name of the GPU the engines were built on.
-        compute_capability: Its compute capability, ``"major.minor"`` (e.g. ``"8.6"``).
-        profile: The encoder's waveform-length profile.
-        build_seconds: Wall time of the build.
-        built: UTC time stamp of the build.
-        workspace_gb: Builder workspace limit, ``None`` = TensorRT's default (the GPU's memory).
-    """
-
-    precision: str
-    encoder: str
-    adapter: str
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-    profile: WaveformProfile
-    build_seconds: float
-    built: str = ""
-    workspace_gb: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest form (inverse of the parser)."""
-        return {
-            "encoder": self.encoder, "adapter": self.adapter, "tensorrt_version": self.tensorrt_version,
-            "gpu": {"name": self.gpu_name, "compute_capability": self.compute_capability},
-            "profile": {"waveform": dataclasses.asdict(self.profile)},
-            "build_seconds": self.build_seconds, "built": self.built, "workspace_gb": self.workspace_gb,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,20 +114,11 @@ class Manifest:
         return {"format": BUNDLE_FORMAT, **{k: v for k, v in d.items() if k != "format"}}
 
 
-def _need(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise BundleError(f"{where}: missing field {key!r}")
-    value = d[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise BundleError(f"{where}: field {key!r} has type {type(value).__name__}, expected {kind}")
-    return value
-
-
 def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manifest:
     """Check the manifest's structure and types; raise :class:`BundleError` naming the first problem."""
     if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{where} is not a mullama bundle manifest (its 'format' is not {BUNDLE_FORMAT!r})")
-    version = _need(raw, "format_version", int, where)
+    version = need_field(raw, "format_version", int, where)
     if version > BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{where} has bundle format version {version}, newer than this mullama-sdk reads "
@@ -178,31 +126,31 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         )
     if version < 1:
         raise BundleError(f"{where}: invalid format_version {version}")
-    dims_raw = _need(raw, "dims", dict, where)
+    dims_raw = need_field(raw, "dims", dict, where)
     try:
-        dims = Dims(**{f.name: int(_need(dims_raw, f.name, int, f"{where} dims")) for f in dataclasses.fields(Dims)})
+        dims = Dims(**{f.name: int(need_field(dims_raw, f.name, int, f"{where} dims")) for f in dataclasses.fields(Dims)})
     except TypeError as e:
         raise BundleError(f"{where}: bad dims: {e}") from e
     if min(dataclasses.astuple(dims)) <= 0:
         raise BundleError(f"{where}: every dimension must be positive, got {dims}")
-    inject = tuple(_need(raw, "inject_layers", list, where))
+    inject = tuple(need_field(raw, "inject_layers", list, where))
     if (len(inject) != dims.n_inject or len(set(inject)) != len(inject)
             or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < dims.n_layer for i in inject)):
         raise BundleError(
             f"{where}: inject_layers {list(inject)} must be {dims.n_inject} layer ids in [0, {dims.n_layer})"
         )
-    files_raw = _need(raw, "files", dict, where)
+    files_raw = need_field(raw, "files", dict, where)
     files = {}
     for name, entry in files_raw.items():
         if not isinstance(entry, dict):
             raise BundleError(f"{where}: files[{name!r}] must be an object with size and sha256")
-        files[name] = FileEntry(size=int(_need(entry, "size", int, f"{where} files[{name!r}]")),
-                                sha256=str(_need(entry, "sha256", str, f"{where} files[{name!r}]")))
+        files[name] = FileEntry(size=int(need_field(entry, "size", int, f"{where} files[{name!r}]")),
+                                sha256=str(need_field(entry, "sha256", str, f"{where} files[{name!r}]")))
         if files[name].size < 0 or not re.fullmatch(r"[0-9a-f]{64}", files[name].sha256):
             raise BundleError(f"{where}: files[{name!r}] needs a size >= 0 and a sha256 of 64 hex digits")
 
     def variants(key: str, allowed: tuple[str, ...]) -> dict[str, str]:
-        v = _need(raw, key, dict, where)
+        v = need_field(raw, key, dict, where)
         if not v:
             raise BundleError(f"{where}: {key!r} lists no files")
         for name, file in v.items():
@@ -215,20 +163,20 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
     encoder = variants("encoder", ENCODER_PRECISIONS)
     adapter = variants("adapter", ENCODER_PRECISIONS)
     llm = variants("llm", LLM_QUANTS)
-    default_prec = _need(raw, "default_encoder_precision", str, where)
-    default_quant = _need(raw, "default_quant", str, where)
+    default_prec = need_field(raw, "default_encoder_precision", str, where)
+    default_quant = need_field(raw, "default_quant", str, where)
     if default_prec not in encoder or default_prec not in adapter:
         raise BundleError(f"{where}: default_encoder_precision {default_prec!r} has no encoder+adapter files")
     if default_quant not in llm:
         raise BundleError(f"{where}: default_quant {default_quant!r} has no GGUF file")
-    audio = _need(raw, "audio", dict, where)
-    prompt = _need(raw, "prompt", dict, where)
-    sample_rate = int(_need(audio, "sample_rate", int, f"{where} audio"))
+    audio = need_field(raw, "audio", dict, where)
+    prompt = need_field(raw, "prompt", dict, where)
+    sample_rate = int(need_field(audio, "sample_rate", int, f"{where} audio"))
     if sample_rate != SAMPLE_RATE_HZ:  # first: the minimum window is converted at this rate
         raise BundleError(f"{where}: audio.sample_rate is {sample_rate} Hz; this runtime feeds the encoder "
                           f"{SAMPLE_RATE_HZ} Hz (MERT's rate)")
     min_window, min_samples = _min_window(audio, sample_rate, f"{where} audio")
-    max_window = float(_need(audio, "max_window_seconds", (int, float), f"{where} audio"))
+    max_window = float(need_field(audio, "max_window_seconds", (int, float), f"{where} audio"))
     _check_values(raw, dims, sample_rate, min_window, max_window, where)
     trt = parse_trt_section(raw.get("trt", {}), files, where=where,
                             samples=(min_samples, round(max_window * sample_rate)))
@@ -240,20 +188,20 @@ def parse_manifest(raw: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manife
         min_window_seconds=min_window,
         min_window_samples=min_samples,
         max_window_seconds=max_window,
-        prompt_template=_need(prompt, "template", str, f"{where} prompt"),
-        default_question=_need(prompt, "default_question", str, f"{where} prompt"),
-        bos_id=int(_need(prompt, "bos_id", int, f"{where} prompt")),
-        eos_id=int(_need(prompt, "eos_id", int, f"{where} prompt")),
-        sampling=dict(_need(raw, "sampling", dict, where)),
+        prompt_template=need_field(prompt, "template", str, f"{where} prompt"),
+        default_question=need_field(prompt, "default_question", str, f"{where} prompt"),
+        bos_id=int(need_field(prompt, "bos_id", int, f"{where} prompt")),
+        eos_id=int(need_field(prompt, "eos_id", int, f"{where} prompt")),
+        sampling=dict(need_field(raw, "sampling", dict, where)),
         encoder=encoder,
         adapter=adapter,
         llm=llm,
         default_encoder_precision=default_prec,
         default_quant=default_quant,
         files=files,
-        versions={str(k): str(v) for k, v in _optional(raw, "versions", dict, where).items()},
-        verification=dict(_optional(raw, "verification", dict, where)),
-        notes=tuple(str(n) for n in _optional(raw, "notes", list, where)),
+        versions={str(k): str(v) for k, v in optional_field(raw, "versions", dict, where).items()},
+        verification=dict(optional_field(raw, "verification", dict, where)),
+        notes=tuple(str(n) for n in optional_field(raw, "notes", list, where)),
         trt=trt,
         int8_scheme=_int8_scheme(raw, encoder, where),
         raw=raw,
@@ -271,13 +219,13 @@ def int8_manifest_entry(scheme: str = INT8_SCHEME) -> dict[str, Any]:
 
 def _int8_scheme(raw: dict[str, Any], encoder: dict[str, str], where: str) -> str | None:
     """``quantization.int8.scheme``: checked against the known schemes; the legacy one when absent."""
-    section = _optional(raw, "quantization", dict, where)
+    section = optional_field(raw, "quantization", dict, where)
     entry = section.get("int8")
     if entry is None:
         return LEGACY_INT8_SCHEME if "int8" in encoder else None
     if not isinstance(entry, dict):
         raise BundleError(f"{where}: quantization.int8 must be an object with a 'scheme'")
-    scheme = _need(entry, "scheme", str, f"{where} quantization.int8")
+    scheme = need_field(entry, "scheme", str, f"{where} quantization.int8")
     if scheme not in INT8_SCHEMES:
         raise BundleError(f"{where}: quantization.int8.scheme {scheme!r} is unknown to this mullama-sdk "
                           f"(known: {', '.join(INT8_SCHEMES)}); upgrade mullama-sdk or re-export the bundle")
@@ -292,27 +240,20 @@ def _min_window(audio: dict[str, Any], sample_rate: int, where: str) -> tuple[fl
     given they must name the same number of samples.
     """
     if "min_window_samples" not in audio:
-        seconds = float(_need(audio, "min_window_seconds", (int, float), where))
+        seconds = float(need_field(audio, "min_window_seconds", (int, float), where))
         if not math.isfinite(seconds) or seconds < 0:
             raise BundleError(f"{where}: min_window_seconds must be a number >= 0, got {seconds}")
         return seconds, round(seconds * sample_rate)
-    samples = _need(audio, "min_window_samples", int, where)
+    samples = need_field(audio, "min_window_samples", int, where)
     if samples < 0:
         raise BundleError(f"{where}: min_window_samples must be >= 0, got {samples}")
     if "min_window_seconds" not in audio:
         return samples / sample_rate, samples
-    seconds = float(_need(audio, "min_window_seconds", (int, float), where))
+    seconds = float(need_field(audio, "min_window_seconds", (int, float), where))
     if not math.isfinite(seconds) or round(seconds * sample_rate) != samples:
         raise BundleError(f"{where}: min_window_samples {samples} and min_window_seconds {seconds} disagree "
                           f"(at {sample_rate} Hz {seconds} s is {seconds * sample_rate:g} samples)")
     return seconds, samples
-
-
-def _optional(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = raw.get(key, kind())
-    if not isinstance(value, kind):
-        raise BundleError(f"{where}: field {key!r} has type {type(value).__name__}, expected {kind.__name__}")
-    return value
 
 
 def _check_values(raw: dict[str, Any], dims: Dims, sample_rate: int, min_window: float, max_window: float,
@@ -322,8 +263,8 @@ def _check_values(raw: dict[str, Any], dims: Dims, sample_rate: int, min_window:
             and max_window > 0):
         raise BundleError(f"{where}: audio needs 0 <= min_window_seconds <= max_window_seconds, max > 0; got "
                           f"{min_window} and {max_window}")
-    prompt = _need(raw, "prompt", dict, where)
-    template = _need(prompt, "template", str, f"{where} prompt")
+    prompt = need_field(raw, "prompt", dict, where)
+    template = need_field(prompt, "template", str, f"{where} prompt")
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
     except ValueError as e:
@@ -331,13 +272,13 @@ def _check_values(raw: dict[str, Any], dims: Dims, sample_rate: int, min_window:
     if fields != {"question"}:
         raise BundleError(f"{where}: the prompt template must contain {{question}} and no other field, it has "
                           f"{sorted(fields)}")
-    if not _need(prompt, "default_question", str, f"{where} prompt").strip():
+    if not need_field(prompt, "default_question", str, f"{where} prompt").strip():
         raise BundleError(f"{where}: prompt.default_question is empty")
     for key in ("bos_id", "eos_id"):
-        token = _need(prompt, key, int, f"{where} prompt")
+        token = need_field(prompt, key, int, f"{where} prompt")
         if not 0 <= token < dims.n_vocab:
             raise BundleError(f"{where}: prompt.{key} {token} is not a token id in [0, {dims.n_vocab})")
-    sampling = _need(raw, "sampling", dict, where)
+    sampling = need_field(raw, "sampling", dict, where)
     for key, valid, ok in (("temperature", "a number >= 0", lambda v: v >= 0),
                            ("top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
                            ("max_new_tokens", "an int >= 0", lambda v: isinstance(v, int) and v >= 0)):
@@ -347,63 +288,32 @@ def _check_values(raw: dict[str, Any], dims: Dims, sample_rate: int, min_window:
                 raise BundleError(f"{where}: sampling.{key} is {v!r}; expected {valid}")
 
 
-_COMPUTE_CAPABILITY = re.compile(r"^[0-9]+\.[0-9]+$")
+def manifest_text(raw: dict[str, Any]) -> str:
+    """The bytes of ``mullama.json`` for ``raw``: two-space JSON, UTF-8 as is, a trailing newline."""
+    return json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
 
 
-def parse_trt_section(section: Any, files: dict[str, FileEntry], *, where: str = MANIFEST_NAME,
-                      samples: tuple[int, int] | None = None) -> dict[str, TrtEngines]:
-    """Check the optional ``trt`` section: ``{precision: {encoder, adapter, tensorrt_version, gpu, profile, ...}}``.
+def write_manifest(folder: Path, raw: dict[str, Any], *, where: str = "new manifest",
+                   atomic: bool = True) -> Manifest:
+    """Validate ``raw`` (:func:`parse_manifest`) and write it as ``folder/mullama.json``: the one writer of
+    the file (export, re-quantization, TensorRT engines), so every writer produces the same bytes.
 
     Args:
-        section: ``raw["trt"]`` (``{}`` when the bundle has no engines).
-        files: The manifest's file table; every engine must be listed there.
-        samples: ``(min, max)`` waveform lengths the encoder graph accepts; the profile must lie inside.
+        where: Names the manifest in a validation error.
+        atomic: Replace the file through a temporary name (readers never see half a manifest). ``False`` for
+            a folder staged under a temporary name and published whole, where a plain write is enough.
 
-    Raises:
-        BundleError: naming the first problem.
+    Returns:
+        The parsed manifest. Nothing is written when validation fails.
     """
-    if not isinstance(section, dict):
-        raise BundleError(f"{where}: field 'trt' has type {type(section).__name__}, expected an object")
-    out = {}
-    for precision, entry in section.items():
-        at = f"{where} trt[{precision!r}]"
-        if precision not in TRT_PRECISIONS:
-            raise BundleError(f"{where}: trt precision {precision!r} is unknown (valid: {', '.join(TRT_PRECISIONS)})")
-        if not isinstance(entry, dict):
-            raise BundleError(f"{at} must be an object")
-        names = {}
-        for graph in ("encoder", "adapter"):
-            name = _need(entry, graph, str, at)
-            if name not in files:
-                raise BundleError(f"{at}: {graph} engine {name!r} is not listed under 'files'")
-            names[graph] = name
-        version = _need(entry, "tensorrt_version", str, at)
-        if not re.match(r"^[0-9]+\.[0-9]+", version):
-            raise BundleError(f"{at}: tensorrt_version {version!r} is not a version like '10.13.0.35'")
-        gpu = _need(entry, "gpu", dict, at)
-        cc = _need(gpu, "compute_capability", str, f"{at} gpu")
-        if not _COMPUTE_CAPABILITY.match(cc):
-            raise BundleError(f"{at}: gpu compute_capability {cc!r} is not 'major.minor' (e.g. '8.6')")
-        prof_raw = _need(_need(entry, "profile", dict, at), "waveform", dict, f"{at} profile")
-        profile = WaveformProfile(*(int(_need(prof_raw, k, int, f"{at} profile.waveform"))
-                                    for k in ("min", "opt", "max")))
-        if not 0 < profile.min <= profile.opt <= profile.max:
-            raise BundleError(f"{at}: profile {dataclasses.asdict(profile)} must have 0 < min <= opt <= max")
-        if samples is not None and not (samples[0] <= profile.min and profile.max <= samples[1]):
-            raise BundleError(f"{at}: profile {dataclasses.asdict(profile)} lies outside the encoder's "
-                              f"{samples[0]}..{samples[1]} samples")
-        build_seconds = float(_need(entry, "build_seconds", (int, float), at))
-        workspace = entry.get("workspace_gb")
-        if workspace is not None and (not isinstance(workspace, (int, float)) or isinstance(workspace, bool)
-                                      or workspace <= 0):
-            raise BundleError(f"{at}: workspace_gb must be a positive number or null, got {workspace!r}")
-        out[precision] = TrtEngines(
-            precision=precision, encoder=names["encoder"], adapter=names["adapter"], tensorrt_version=version,
-            gpu_name=str(_need(gpu, "name", str, f"{at} gpu")), compute_capability=cc, profile=profile,
-            build_seconds=build_seconds, built=str(entry.get("built", "")),
-            workspace_gb=None if workspace is None else float(workspace),
-        )
-    return out
+    manifest = parse_manifest(raw, where=where)
+    path = Path(folder) / MANIFEST_NAME
+    if not atomic:
+        path.write_text(manifest_text(raw), encoding="utf-8")
+        return manifest
+    with atomic_path(path) as tmp:
+        tmp.write_text(manifest_text(raw), encoding="utf-8")
+    return manifest
 
 
 def load_manifest(bundle_dir: Path) -> Manifest:

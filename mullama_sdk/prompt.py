@@ -14,7 +14,7 @@ PROMPT_TEMPLATE = (
 
 DEFAULT_QUESTION = "Describe the audio"
 
-#: The captioning questions of the MusicQA data (spec section 4).
+#: The captioning questions of the MusicQA data (docs/model.md section 4).
 CAPTION_QUESTIONS = (
     "Describe the audio",
     "Describe the audio in detail",
@@ -32,8 +32,11 @@ def format_prompt(question: str | None = None) -> str:
     Raises:
         ValueError: if the question is empty or only whitespace.
     """
-    if question is None:
-        question = DEFAULT_QUESTION
+    return PROMPT_TEMPLATE.format(question=check_question(DEFAULT_QUESTION if question is None else question))
+
+
+def check_question(question: object) -> str:
+    """Return ``question`` if it is a string with some non-space text, else raise ``ValueError`` saying so."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}")
-    return PROMPT_TEMPLATE.format(question=question)
+    return question

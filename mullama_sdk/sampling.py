@@ -1,4 +1,4 @@
-"""Next-token selection exactly as the spec's section 4 defines it, in numpy.
+"""Next-token selection exactly as docs/model.md section 4 defines it, in numpy.
 
 The torch reference and the llama.cpp runtime both pick tokens through :class:`Sampler`, so given
 the same logits and seed they choose the same tokens: sampling is never a source of disagreement
@@ -8,6 +8,18 @@ between the stages we compare.
 from __future__ import annotations
 
 import numpy as np
+
+
+def check_sampling(temperature: float, top_p: float, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` naming the valid range unless ``temperature`` >= 0 and ``top_p`` in (0, 1].
+
+    Shared by :class:`Sampler` and :class:`mullama_sdk.options.GenerationOptions`, which passes the
+    SDK's typed :class:`~mullama_sdk.errors.OptionError`.
+    """
+    if not np.isfinite(temperature) or temperature < 0:
+        raise error(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not np.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise error(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 class Sampler:
@@ -25,10 +37,7 @@ class Sampler:
     """
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if not np.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        check_sampling(temperature, top_p)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self._rng = np.random.Generator(np.random.PCG64(seed))

@@ -14,22 +14,29 @@ Usage with the low-level llama_cpp API::
     ...                                                # llama_decode as usual
     llama_cpp.llama_free(ctx); hook.close()            # hook lives at least as long as ctx
 
-Files: ``muhook.c`` (the callback), ``build.py`` (compile + cache + ABI check), ``muhook_api.py``
-and ``ggml_mirror.py`` (ctypes mirrors), ``hook.py`` (:class:`InjectionHook`).
+Files, by tier (each imports only its own or lower tiers; nothing here imports ``mullama_sdk``):
+
+* tier 1: ``muhook.c`` (the callback), ``muhook_api.py`` and ``ggml_mirror.py`` (ctypes mirrors),
+  ``build.py`` (compile + cache + ABI check), ``errors.py`` (:class:`NativeBridgeError`, which the
+  SDK translates into its ``BackendUnavailableError``);
+* tier 2: ``hook_native.py`` (C backend), ``hook_python.py`` (pure-Python fallback backend),
+  ``hook_counters.py`` (:class:`HookCounters`, shared by both);
+* tier 3: ``hook.py`` (:class:`InjectionHook`), ``context_params.py`` (installing it into
+  ``llama_context_params``, exact arithmetic, multi-clip batches).
 """
 
 from __future__ import annotations
 
-import ctypes
-from typing import Any
-
 from .build import NativeBuild, build_library, load_library
-from .ggml_mirror import GGML_TYPE_F32
-from .hook import HookCounters, InjectionHook
+from .context_params import apply_to_context_params, enable_multi_clip_batches, set_exact_arithmetic
+from .errors import NativeBridgeError
+from .hook import InjectionHook
+from .hook_counters import HookCounters
 
 __all__ = [
     "HookCounters",
     "InjectionHook",
+    "NativeBridgeError",
     "NativeBuild",
     "apply_to_context_params",
     "build_library",
@@ -37,60 +44,3 @@ __all__ = [
     "load_library",
     "set_exact_arithmetic",
 ]
-
-# enum llama_flash_attn_type { LLAMA_FLASH_ATTN_TYPE_AUTO = -1, _DISABLED = 0, _ENABLED = 1 };
-LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
-
-
-def _field_type(cparams: Any, name: str) -> Any:
-    for field in type(cparams)._fields_:
-        if field[0] == name:
-            return field[1]
-    raise TypeError(f"{type(cparams).__name__} has no field {name!r}; is it llama_context_params?")
-
-
-def apply_to_context_params(cparams: Any, hook: InjectionHook) -> Any:
-    """Installs ``hook`` as ``cparams.cb_eval`` / ``cb_eval_user_data`` and returns ``cparams``.
-
-    ``cb_eval`` is a context parameter (no setter exists): do this before
-    ``llama_init_from_model``. The hook must stay open until the context is freed.
-    """
-    if not isinstance(hook, InjectionHook):
-        raise TypeError(f"hook must be an InjectionHook, got {type(hook).__name__}")
-    if hook.closed:
-        raise ValueError("hook is closed")
-    cparams.cb_eval = ctypes.cast(hook.cb_eval, _field_type(cparams, "cb_eval"))
-    cparams.cb_eval_user_data = hook.user_data
-    return cparams
-
-
-def set_exact_arithmetic(cparams: Any) -> Any:
-    """Settings under which llama.cpp matches a float64 reference to ~1e-6 (tests, verification).
-
-    ``flash_attn_type = 0`` (the default "auto" turns flash attention on for CPU) and an F32 KV
-    cache (``type_k = type_v = GGML_TYPE_F32``; the default F16 cache alone costs ~1e-3 in logits).
-    Slower than the defaults: do not use for production decoding. Returns ``cparams``.
-    """
-    _field_type(cparams, "flash_attn_type")
-    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
-    cparams.type_k = GGML_TYPE_F32
-    cparams.type_v = GGML_TYPE_F32
-    return cparams
-
-
-def enable_multi_clip_batches(cparams: Any, n_seq_max: int | None = None) -> Any:
-    """Settings needed to mix sequences with different clips in one batch (row map).
-
-    The hook sees ubatches, not sequence ids; it follows the row map only if the ubatches are
-    in-order slices of the batch, which llama.cpp guarantees with a single KV stream:
-    ``kv_unified = True`` (any ``n_seq_max``) - set here - or ``n_seq_max = 1``. With
-    ``kv_unified = False`` and ``n_seq_max > 1`` rows are regrouped by sequence and the map is
-    wrong. ``n_seq_max``, if given, is also set. Returns ``cparams``.
-    """
-    _field_type(cparams, "kv_unified")
-    cparams.kv_unified = True
-    if n_seq_max is not None:
-        if n_seq_max < 1:
-            raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
-        cparams.n_seq_max = n_seq_max
-    return cparams

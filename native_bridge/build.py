@@ -13,8 +13,11 @@ llama_cpp lib folder (it is the rpath) and the Python ABI tag. A cached entry is
 ``build.json`` matches and the .so's sha256 is the recorded one; otherwise it is rebuilt. The compiler
 writes to a unique temporary name that is then renamed (atomic), under an advisory file lock, so
 concurrent processes are safe. Any failure raises
-:class:`~mullama_sdk.errors.BackendUnavailableError` with the reason; callers then fall back to the
+:class:`~native_bridge.errors.NativeBridgeError` with the reason; callers then fall back to the
 Python hook.
+
+The sha256 and atomic-write helpers here are native_bridge's own on purpose: native_bridge is floor 1
+and imports nothing from ``mullama_sdk`` (whose ``files`` module has the SDK's equivalents).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mullama_sdk.errors import BackendUnavailableError
-
 from . import muhook_api
+from .errors import NativeBridgeError
 from .ggml_mirror import TENSOR_OFFSETS, GGMLTensor, llama_cpp_lib_dir
 
 logger = logging.getLogger(__name__)
@@ -88,19 +92,19 @@ def find_compiler() -> list[str]:
         cmd = shlex.split(os.environ["CC"])
         if cmd and shutil.which(cmd[0]):
             return cmd
-        raise BackendUnavailableError(f"$CC={os.environ['CC']!r} is not an executable compiler")
+        raise NativeBridgeError(f"$CC={os.environ['CC']!r} is not an executable compiler")
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
             return [found]
-    raise BackendUnavailableError("no C compiler found ($CC, cc, gcc, clang); install one, e.g. gcc")
+    raise NativeBridgeError("no C compiler found ($CC, cc, gcc, clang); install one, e.g. gcc")
 
 
 def _llama_cpp_version() -> str:
     try:
         import llama_cpp
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise BackendUnavailableError(f"llama-cpp-python cannot be imported: {e}") from e
+        raise NativeBridgeError(f"llama-cpp-python cannot be imported: {e}") from e
     return str(llama_cpp.__version__)
 
 
@@ -110,17 +114,44 @@ def _compiler_id(cc: list[str]) -> str:
             [*cc, "--version"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise BackendUnavailableError(f"C compiler {cc} does not run: {e}") from e
+        raise NativeBridgeError(f"C compiler {cc} does not run: {e}") from e
     first = out.strip().splitlines()[0] if out.strip() else "unknown"
     return f"{os.path.realpath(shutil.which(cc[0]) or cc[0])} {' '.join(cc[1:])} {first}"
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256(chunks: Iterable[bytes]) -> hashlib._Hash:
+    """The sha256 of the concatenated ``chunks``: the one hashing spot of native_bridge.
+
+    native_bridge keeps its own (floor 1: no upward import of ``mullama_sdk.files``).
+    """
     h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h
+
+
+def _sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (the ``sha256`` recorded in ``build.json``)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return _sha256(iter(lambda: f.read(1 << 20), b"")).hexdigest()
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic).
+
+    On an exception the temporary file is removed and ``path`` is left as it was, so a reader
+    never sees a half-written library or ``build.json``. native_bridge keeps its own (floor 1: no
+    upward import of ``mullama_sdk.files``).
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +167,18 @@ def _plan(cache_dir: Path | None) -> _Plan:
     include_dir = lib_dir.parent.parent / "include"  # site-packages/include
     missing = [h for h in HEADERS if not (include_dir / h).is_file()]
     if missing:
-        raise BackendUnavailableError(
+        raise NativeBridgeError(
             f"llama-cpp-python's C headers {missing} are not in {include_dir} "
             "(the wheel normally installs them there)"
         )
     if not SOURCE_PATH.is_file():
-        raise BackendUnavailableError(f"hook source {SOURCE_PATH} is missing")
+        raise NativeBridgeError(f"hook source {SOURCE_PATH} is missing")
     version = _llama_cpp_version()
     cc = find_compiler()
     link = [f"-L{lib_dir}", "-lggml-base", f"-Wl,-rpath,{lib_dir}"]
     command = (*cc, *CFLAGS, f"-I{include_dir}", str(SOURCE_PATH), "-o", "{out}", *link)
 
-    h = hashlib.sha256()
-    for part in (
+    parts = (
         SOURCE_PATH.read_bytes(),
         *((include_dir / name).read_bytes() for name in HEADERS),
         _compiler_id(cc).encode(),
@@ -156,9 +186,8 @@ def _plan(cache_dir: Path | None) -> _Plan:
         version.encode(),
         str(sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag).encode(),
         sys.platform.encode(),
-    ):
-        h.update(hashlib.sha256(part).digest())
-    key = h.hexdigest()[:16]
+    )
+    key = _sha256(_sha256([part]).digest() for part in parts).hexdigest()[:16]
     root = cache_dir if cache_dir is not None else cache_root()
     return _Plan(key, Path(root) / "native" / f"{version}-{key}", command, version)
 
@@ -207,34 +236,19 @@ class _FileLock:
             self._fd = None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _compile(plan: _Plan) -> None:
-    fd, tmp = tempfile.mkstemp(dir=plan.folder, prefix=LIB_NAME + ".tmp-")
-    os.close(fd)
-    cmd = [tmp if arg == "{out}" else arg for arg in plan.command]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
-        if proc.returncode != 0:
-            raise BackendUnavailableError(
-                f"compiling the native hook failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                f"{proc.stderr.strip()[-2000:]}"
-            )
-        sha = _sha256_file(Path(tmp))
-        os.replace(tmp, plan.folder / LIB_NAME)
+        with _atomic_path(plan.folder / LIB_NAME) as tmp:  # the compiler writes the temporary name
+            cmd = [str(tmp) if arg == "{out}" else arg for arg in plan.command]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+            if proc.returncode != 0:
+                raise NativeBridgeError(
+                    f"compiling the native hook failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                    f"{proc.stderr.strip()[-2000:]}"
+                )
+            sha = _sha256_file(tmp)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise BackendUnavailableError(f"compiling the native hook failed: {e}") from e
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        raise NativeBridgeError(f"compiling the native hook failed: {e}") from e
     meta = {
         "key": plan.key,
         "sha256": sha,
@@ -242,7 +256,8 @@ def _compile(plan: _Plan) -> None:
         "abi_version": EXPECTED_ABI_VERSION,
         "command": list(plan.command),
     }
-    _atomic_write_text(plan.folder / "build.json", json.dumps(meta, indent=1) + "\n")
+    with _atomic_path(plan.folder / "build.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def build_library(*, cache_dir: Path | str | None = None, force: bool = False) -> NativeBuild:
@@ -253,13 +268,13 @@ def build_library(*, cache_dir: Path | str | None = None, force: bool = False) -
         force: recompile even if the cached copy is valid.
 
     Raises:
-        BackendUnavailableError: no compiler, no headers, or the compilation failed.
+        NativeBridgeError: no compiler, no headers, or the compilation failed.
     """
     plan = _plan(Path(cache_dir) if cache_dir is not None else None)
     try:
         plan.folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BackendUnavailableError(f"cannot create the cache folder {plan.folder}: {e}") from e
+        raise NativeBridgeError(f"cannot create the cache folder {plan.folder}: {e}") from e
     compiled = False
     with _FileLock(plan.folder / ".lock"):
         if force or not _cached_entry_ok(plan):
@@ -270,7 +285,7 @@ def build_library(*, cache_dir: Path | str | None = None, force: bool = False) -
 
 
 def check_abi(lib: ctypes.CDLL, *, built_for: str | None = None) -> None:
-    """Raises BackendUnavailableError unless ``lib`` matches the Python mirror and llama_cpp."""
+    """Raises NativeBridgeError unless ``lib`` matches the Python mirror and llama_cpp."""
     problems = []
     abi = lib.muhook_abi_version()
     if abi != EXPECTED_ABI_VERSION:
@@ -295,7 +310,7 @@ def check_abi(lib: ctypes.CDLL, *, built_for: str | None = None) -> None:
         if current != built_for:
             problems.append(f"built for llama-cpp-python {built_for}, running {current}")
     if problems:
-        raise BackendUnavailableError("native hook ABI check failed: " + "; ".join(problems))
+        raise NativeBridgeError("native hook ABI check failed: " + "; ".join(problems))
 
 
 _loaded: dict[Path, ctypes.CDLL] = {}
@@ -310,7 +325,7 @@ def load_library(*, cache_dir: Path | str | None = None) -> ctypes.CDLL:
     copy llama-cpp-python uses (same soname, already loaded).
 
     Raises:
-        BackendUnavailableError: the library cannot be built, loaded or fails the ABI check.
+        NativeBridgeError: the library cannot be built, loaded or fails the ABI check.
     """
     memo_key = (str(cache_dir if cache_dir is not None else cache_root()), os.environ.get("CC"))
     with _load_lock:
@@ -325,13 +340,13 @@ def load_library(*, cache_dir: Path | str | None = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(str(build.path))
         except OSError as e:
             if build.compiled:
-                raise BackendUnavailableError(f"cannot load the native hook {build.path}: {e}") from e
+                raise NativeBridgeError(f"cannot load the native hook {build.path}: {e}") from e
             logger.warning("cannot load cached native hook %s (%s); rebuilding", build.path, e)
             build = build_library(cache_dir=cache_dir, force=True)
             try:
                 lib = ctypes.CDLL(str(build.path))
             except OSError as e2:
-                raise BackendUnavailableError(f"cannot load the native hook {build.path}: {e2}") from e2
+                raise NativeBridgeError(f"cannot load the native hook {build.path}: {e2}") from e2
         muhook_api.bind(lib)
         check_abi(lib, built_for=build.llama_cpp_version)
         _loaded[build.path] = lib

@@ -16,7 +16,7 @@ import sys
 from ctypes import c_bool, c_char, c_int, c_int32, c_int64, c_size_t, c_void_p
 from pathlib import Path
 
-from mullama_sdk.errors import BackendUnavailableError
+from .errors import NativeBridgeError
 
 # #define GGML_MAX_DIMS           4
 # #define GGML_MAX_SRC            10
@@ -84,9 +84,7 @@ def llama_cpp_lib_dir() -> Path:
     """Folder holding llama-cpp-python's shared libraries (``site-packages/llama_cpp/lib``)."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
-        raise BackendUnavailableError(
-            "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
-        )
+        raise NativeBridgeError("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
     return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
@@ -97,7 +95,7 @@ def ggml_base_library_path() -> Path:
     for name in names.get(sys.platform, ["libggml-base.so"]):
         if (lib_dir / name).exists():
             return lib_dir / name
-    raise BackendUnavailableError(f"libggml-base not found in {lib_dir}")
+    raise NativeBridgeError(f"libggml-base not found in {lib_dir}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,7 +104,7 @@ def load_ggml_base() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(ggml_base_library_path()))
     except OSError as e:
-        raise BackendUnavailableError(f"cannot load libggml-base: {e}") from e
+        raise NativeBridgeError(f"cannot load libggml-base: {e}") from e
 
     # GGML_API bool ggml_backend_buffer_is_host(ggml_backend_buffer_t buffer);
     lib.ggml_backend_buffer_is_host.argtypes = [c_void_p]

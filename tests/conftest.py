@@ -27,7 +27,7 @@ def tiny_bundle(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def reference_model(tiny_assets: TinyAssets):
     """The torch reference of the tiny model (float32)."""
-    from training.reference.loading import load_reference
+    from training.reference.build import load_reference
 
     return load_reference(tiny_assets.checkpoint, tiny_assets.llama_dir, tiny_assets.mert_dir)
 

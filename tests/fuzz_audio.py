@@ -272,10 +272,11 @@ def run_atheris(argv: list[str], guard: _Guard) -> None:
     import atheris
 
     import mullama_sdk.audio as audio_module
+    import mullama_sdk.audio_decode as decode_module
 
     # Python-level coverage of the loader and of soundfile's wrapper (libsndfile itself is not instrumented;
     # instrument_all() would take ~20 s for numpy & co.).
-    for module in (audio_module, soundfile):
+    for module in (audio_module, decode_module, soundfile):
         for owner in [module, *[c for c in vars(module).values() if inspect.isclass(c)
                                 and c.__module__ == module.__name__]]:
             for obj in list(vars(owner).values()):

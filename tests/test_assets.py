@@ -16,8 +16,8 @@ import torch
 from transformers import HubertConfig, HubertModel
 
 from mullama_sdk.prompt import format_prompt
-from testkit import make_assets
 from testkit.make_assets import AssetDims, TinyAssets, build_shape_assets, build_tiny_assets
+from testkit.tokenizer import pad_tokenizer, train_tokenizer
 
 ATTENTION = ("wq", "wk", "wv", "wo")
 
@@ -37,7 +37,7 @@ def sha256_tree(root: Path) -> dict[str, str]:
 
 
 def spec_checkpoint_shapes(d: AssetDims, mert_shapes: dict[str, torch.Size]) -> dict[str, tuple[int, ...]]:
-    """Every key and shape of ``checkpoint.pth``'s ``model``, written out from spec section 3."""
+    """Every key and shape of ``checkpoint.pth``'s ``model``, written out from docs/model.md section 3."""
     hidden, rank = d.ffn_hidden, d.lora_rank
     shapes = {f"mert_model.{k}": tuple(v) for k, v in mert_shapes.items()}
     shapes |= {
@@ -82,7 +82,7 @@ def spec_checkpoint_shapes(d: AssetDims, mert_shapes: dict[str, torch.Size]) -> 
 
 
 def is_trained(key: str) -> bool:
-    """Whether spec section 3 counts ``key`` as a trained part (what checkpoint_deltas.pth holds)."""
+    """Whether docs/model.md section 3 counts ``key`` as a trained part (what checkpoint_deltas.pth holds)."""
     if key.startswith(("mu_mert_", "prefix_query.")):
         return True
     return key.startswith("llama.") and (key.endswith((".bias", ".gate", "norm.weight")) or ".lora_" in key)
@@ -147,9 +147,9 @@ def test_tokenizer_follows_llama_conventions(tiny_assets: TinyAssets) -> None:
 
 
 def test_padded_tokenizer_keeps_ids() -> None:
-    small = make_assets._train_tokenizer(512)
+    small = train_tokenizer(512)
     sp_small = spm.SentencePieceProcessor(model_proto=small)
-    sp_big = spm.SentencePieceProcessor(model_proto=make_assets._pad_tokenizer(small, 32000))
+    sp_big = spm.SentencePieceProcessor(model_proto=pad_tokenizer(small, 32000))
     assert sp_big.get_piece_size() == 32000
     assert (sp_big.unk_id(), sp_big.bos_id(), sp_big.eos_id()) == (0, 1, 2)
     prompt = format_prompt()

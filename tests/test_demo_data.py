@@ -192,9 +192,9 @@ def test_bpm_is_the_rate_of_the_notes_heard():
 
 
 def test_excerpt_beat():
-    eighths = [dd._Note(q / 2, q / 2 + 0.5, 60) for q in range(64)]
+    eighths = [dd.Note(q / 2, q / 2 + 0.5, 60) for q in range(64)]
     assert dd.excerpt_beat(eighths, 0.0, 120, end=32.0) == 0.5          # 10 beats in 5 s, 10 eighths
-    jig = [dd._Note(q * 1.5, q * 1.5 + 1.5, 60) for q in range(40)]     # dotted quarters
+    jig = [dd.Note(q * 1.5, q * 1.5 + 1.5, 60) for q in range(40)]     # dotted quarters
     assert dd.excerpt_beat(jig, 0.0, 90, end=60.0) == 1.5
     # the window may not run past the end of the score: a 6-quarter score of eighths at 60 BPM
     assert dd.excerpt_beat(eighths[:12], 0.0, 60, end=6.0) == 0.5
@@ -246,7 +246,7 @@ def test_example_clips(data, tmp_path):
 
 
 def test_onsets_are_the_notes_and_the_beat_drums(data):
-    dc, kick, hihat = dd._DRUM_CHANNEL, dd._GM_DRUMS["kick"], dd._GM_DRUMS["hihat"]
+    dc, kick, hihat = dd.DRUM_CHANNEL, dd.GM_DRUMS["kick"], dd.GM_DRUMS["hihat"]
     events = [(0, 0, 0xC0, 0, 0), (0, 2, 0x90, 60, 90), (0, 2, 0x90 | 1, 64, 90), (12_000, 2, 0x90 | dc, hihat, 80),
               (24_000, 1, 0x80, 60, 0), (24_000, 2, 0x90 | dc, kick, 100), (36_000, 2, 0x90, 62, 0)]
     # note-ons at 0 (two channels, one onset) and the kick at 1 s; not the hi-hat, not a velocity-0 note-on

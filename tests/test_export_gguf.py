@@ -19,12 +19,14 @@ import pytest
 import torch
 
 from export import gguf_export
-from export.gguf_export import GgufSource, MullamaKeys, gguf_tensor_name, write_gguf, write_llama_gguf
+from export.gguf_export import GgufSource, MullamaKeys, write_gguf, write_llama_gguf
+from export.gguf_tensors import gguf_tensor_name
 from export.llamacpp_eval import LlamaCppModel
 from export.quantize import QUANTS, quantize_gguf
 from mullama_sdk.errors import BundleError, CheckpointError, ConfigError, ContextLengthError
 from mullama_sdk.prompt import CAPTION_QUESTIONS, format_prompt
-from training.reference.loading import load_reference, open_sources
+from training.reference.build import load_reference
+from training.reference.model_sources import open_sources
 
 F32_TOL = 1e-3
 F16_TOL = 5e-2

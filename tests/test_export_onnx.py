@@ -23,24 +23,22 @@ from export.graphs import (
     ADAPTER_GRAPH,
     ENCODER_GRAPH,
     AdapterGraph,
-    ExportError,
     adapter_dims,
     fold_injection,
 )
-from export.onnx_export import check_graph, export_adapter, export_encoder, read_metadata
-from export.onnx_precision import (
+from export.onnx_compare import (
     ErrorReport,
     OutputError,
     compare_adapter,
     compare_encoder,
     compare_onnx,
-    convert_fp16,
-    quantize_int8,
 )
+from export.onnx_export import check_graph, export_adapter, export_encoder, read_metadata
+from export.onnx_precision import convert_fp16, quantize_int8
 from mullama_sdk.audio import load_audio
 from mullama_sdk.constants import MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
-from mullama_sdk.errors import ConfigError
-from training.reference.loading import load_reference
+from mullama_sdk.errors import ConfigError, ExportError
+from training.reference.build import load_reference
 from training.reference.model import MullamaModel
 
 FP32_TOL = 1e-4

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from export import safety
-from export.build import BundleOptions, SpaceEstimate, build_bundle
+from export.build import BundleOptions, build_bundle
+from export.sizes import SpaceEstimate
 from mullama_sdk.errors import BundleError, DiskFullError
 
 ROOT = Path(__file__).parents[1]
@@ -464,13 +465,13 @@ def test_a_live_owner_keeps_its_folder(tmp_path):
 _STUCK = """
 import os, shutil, signal, sys, time
 from pathlib import Path
-from export import safety
+from export import interrupts as safety
 safety.EMERGENCY_GRACE_SECONDS = 0.5
 folder = Path(sys.argv[1])
 with safety.termination_handlers():
     safety.register_emergency(lambda: shutil.rmtree(folder))
-    print("ready", flush=True)
-    try:
+    try:  # "ready" inside the try: a signal that lands while it is printed must take the same path
+        print("ready", flush=True)
         time.sleep(60)
     except KeyboardInterrupt:
         time.sleep(60)  # an unwinding that does not finish (native code, a hung cleanup)
@@ -497,7 +498,7 @@ def test_a_stuck_main_thread_is_cleaned_up_by_the_watcher(tmp_path):
 
 _DEFERRED = """
 import os, signal, time
-from export import safety
+from export import interrupts as safety
 with safety.termination_handlers():
     try:
         with safety.deferred_signals():
@@ -538,7 +539,7 @@ def test_no_strict_never_ships_a_failed_default(tiny_assets, tmp_path, monkeypat
 
 
 def test_no_strict_with_nothing_passing_writes_nothing():
-    from export.build import _demote_failed
+    from export.bundle_layout import demote_failed as _demote_failed
 
     raw = {"default_encoder_precision": "int8", "default_quant": "q4_k_m", "notes": []}
     options = BundleOptions(quants=("q4_k_m", "q8_0"), encoder_precisions=("fp32", "int8"), strict=False)

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 import native_bridge
-from mullama_sdk.errors import BackendUnavailableError
-from native_bridge import InjectionHook, build
+from native_bridge import InjectionHook, NativeBridgeError, build
 from testkit import llama_gguf as H
 
 TOL = 1e-4
@@ -280,9 +279,9 @@ def test_build_cache_env_var_and_concurrent_builds(tmp_path):
 
 def test_abi_mismatch_is_a_clear_error(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(build, "EXPECTED_TENSOR_SIZE", 999)
-    with pytest.raises(BackendUnavailableError, match=r"sizeof\(struct ggml_tensor\) is 336 in C but 999"):
+    with pytest.raises(NativeBridgeError, match=r"sizeof\(struct ggml_tensor\) is 336 in C but 999"):
         native_bridge.load_library(cache_dir=tmp_path)
-    with pytest.raises(BackendUnavailableError, match="ABI check failed"):
+    with pytest.raises(NativeBridgeError, match="ABI check failed"):
         InjectionHook(64, 4, backend="native", cache_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="native_bridge.hook"):
         hook = InjectionHook(64, 4, backend="auto", cache_dir=tmp_path)
@@ -294,16 +293,16 @@ def test_abi_mismatch_is_a_clear_error(tmp_path, monkeypatch, caplog):
 def test_abi_version_and_llama_cpp_version_checks(tmp_path, monkeypatch, native_cache):
     lib = native_bridge.load_library(cache_dir=native_cache)
     build.check_abi(lib, built_for=llama_cpp.__version__)
-    with pytest.raises(BackendUnavailableError, match="built for llama-cpp-python 0.0.1"):
+    with pytest.raises(NativeBridgeError, match="built for llama-cpp-python 0.0.1"):
         build.check_abi(lib, built_for="0.0.1")
     monkeypatch.setattr(build, "EXPECTED_ABI_VERSION", 99)
-    with pytest.raises(BackendUnavailableError, match="muhook ABI version 1 != 99"):
+    with pytest.raises(NativeBridgeError, match="muhook ABI version 1 != 99"):
         build.check_abi(lib)
 
 
 def test_no_compiler_falls_back_to_python(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(BackendUnavailableError, match="CC"):
+    with pytest.raises(NativeBridgeError, match="CC"):
         native_bridge.build_library(cache_dir=tmp_path)
     with InjectionHook(64, 4, backend="auto", cache_dir=tmp_path) as hook:
         assert hook.backend == "python"
@@ -313,7 +312,7 @@ def test_compile_error_is_reported(tmp_path, monkeypatch):
     bad = tmp_path / "muhook.c"
     bad.write_text("this is not C;\n")
     monkeypatch.setattr(build, "SOURCE_PATH", bad)
-    with pytest.raises(BackendUnavailableError, match="compiling the native hook failed"):
+    with pytest.raises(NativeBridgeError, match="compiling the native hook failed"):
         native_bridge.build_library(cache_dir=tmp_path)
 
 

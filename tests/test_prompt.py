@@ -6,7 +6,7 @@ import pytest
 
 from mullama_sdk.prompt import CAPTION_QUESTIONS, DEFAULT_QUESTION, format_prompt
 
-# Written out independently of PROMPT_TEMPLATE, from spec section 4 (including the
+# Written out independently of PROMPT_TEMPLATE, from docs/model.md section 4 (including the
 # "<built-in function input>" quirk and no space after "### Response:").
 EXPECTED_DESCRIBE = (
     b"Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -14,14 +14,10 @@ import pytest
 import torch
 
 from mullama_sdk.errors import CheckpointError, ConfigError
+from training.reference.build import load_reference
 from training.reference.checkpoint_layout import module_to_published
-from training.reference.loading import (
-    CHECKPOINT_FORMAT,
-    load_reference,
-    resolve_llama_dir,
-    save_checkpoint,
-    torch_load,
-)
+from training.reference.llama_folder import resolve_llama_dir
+from training.reference.loading import CHECKPOINT_FORMAT, save_checkpoint, torch_load
 from training.reference.mert import MERT_PREPROCESSOR
 
 TOKENS = [1, 30, 31, 32, 33, 34, 35]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mullama_sdk.constants import SAMPLE_RATE_HZ
+from training.reference.build import load_reference
 from training.reference.llama import Llama
-from training.reference.loading import load_reference
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -159,7 +159,7 @@ def test_merged_lora_gives_same_logits(model):
     merged.load_state_dict(sd, strict=True)
     tokens = torch.tensor([[1, 5, 9, 33, 7, 100, 3]])
     a = torch.randn(1, model.config.llama.dim)
-    # Music injection must use the UN-merged Wv (spec section 2), so compare without music.
+    # Music injection must use the UN-merged Wv (docs/model.md section 2), so compare without music.
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens), src(tokens), rtol=1e-4, atol=1e-4)
         diff = (src(tokens, adapters=model.adapter_tokens(a)) - src(tokens)).abs().max()

@@ -70,7 +70,7 @@ def test_export_cli_refuses_and_names_the_flag(tiny_assets, tmp_path):
 @pytest.mark.parametrize("which", ["mert", "llama"])
 def test_every_weight_file_goes_through_the_same_gate(tiny_assets, tmp_path, which):
     """MERT's pytorch_model.bin and Meta's consolidated.*.pth are pickles too."""
-    from training.reference.loading import load_reference
+    from training.reference.build import load_reference
 
     marker = tmp_path / "PWNED"
     src = tiny_assets.mert_dir if which == "mert" else tiny_assets.llama_dir

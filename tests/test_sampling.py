@@ -1,4 +1,4 @@
-"""Tests of mullama_sdk.sampling.Sampler against the spec's section 4 rules, worked out by hand."""
+"""Tests of mullama_sdk.sampling.Sampler against docs/model.md section 4 rules, worked out by hand."""
 
 from __future__ import annotations
 

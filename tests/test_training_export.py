@@ -14,8 +14,9 @@ import torch
 from export.build import BundleOptions, build_bundle
 from mullama_sdk import Captioner
 from tests.test_training_recipes import TINY_JSON, run_recipe, tiny_config
+from training.reference.build import load_reference
 from training.reference.dims import DeltaDims
-from training.reference.loading import load_reference, read_checkpoint
+from training.reference.loading import read_checkpoint
 
 FAST = BundleOptions(quants=("f32",), encoder_precisions=("fp32",), verify_llm=False)
 

@@ -21,16 +21,12 @@ from mullama_sdk.audio import load_audio
 from mullama_sdk.errors import CheckpointError, ConfigError
 from training.recipes.config import load_recipe_config
 from training.recipes.data import load_qa_json, silence
-from training.recipes.stages import (
-    FinetuneRecipe,
-    PretrainRecipe,
-    TrainForward,
-    WarmupCosine,
-    decays,
-    saved_names,
-    trainable_names,
-)
-from training.reference.loading import load_reference, torch_load
+from training.recipes.objective import TrainForward
+from training.recipes.parameters import decays, saved_names, trainable_names
+from training.recipes.schedule import WarmupCosine
+from training.recipes.stages import FinetuneRecipe, PretrainRecipe
+from training.reference.build import load_reference
+from training.reference.loading import torch_load
 
 ROOT = Path(__file__).parents[1]
 TINY_YAML = ROOT / "training" / "configs" / "tiny.yaml"

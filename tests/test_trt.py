@@ -29,7 +29,8 @@ from mullama_sdk.encoder_backend import choose_encoder_backend
 from mullama_sdk.encoder_trt import GpuInfo, TensorRTMusicEncoder, engine_incompatibility
 from mullama_sdk.errors import BackendUnavailableError, BundleError, ConfigError
 from mullama_sdk.files import sha256_file
-from mullama_sdk.manifest import MANIFEST_NAME, TrtEngines, WaveformProfile, parse_manifest
+from mullama_sdk.manifest import MANIFEST_NAME, parse_manifest
+from mullama_sdk.manifest_trt import TrtEngines, WaveformProfile
 
 ROOT = Path(__file__).parents[1]
 SR = 24_000
@@ -875,7 +876,8 @@ def test_gpu_manifest_records_the_engines(trt_bundle):
 @pytest.mark.gpu
 @pytest.mark.parametrize(("precision", "tol"), [("fp16", 1e-2), ("fp32", 1e-4)])
 def test_gpu_engines_match_ort_fp32(trt_bundle, tiny_assets, precision, tol):
-    from export.onnx_precision import _run, _session
+    from export.onnx_compare import cpu_session as _session
+    from export.onnx_compare import run_session as _run
     from export.verify import trt_checks
     from mullama_sdk.audio import load_audio
     from mullama_sdk.manifest import load_manifest

@@ -10,30 +10,29 @@
 bundle is compared with. ``features`` caches MERT state means per clip (resumable); ``pretrain`` and
 ``finetune`` run MU-LLaMA's two training stages (on several GPUs under ``torchrun -m training``);
 ``eval`` generates answers and scores them (compat and standard metrics, random-audio control).
-Each command takes ``-h``.
+Each command takes ``-h``. Errors are one line, ``mullama-train: error: ...``, exit status 2.
 """
 
 from __future__ import annotations
 
 import sys
 
+from mullama_sdk.commandline import dispatch
+
+PROG = "mullama-train"
+#: Sub-command -> ``module:function`` (imported only when chosen; each parses its own arguments).
+COMMANDS = {
+    "reference": "training.reference.greedy:main",
+    "features": "training.recipes.features:main",
+    "pretrain": "training.recipes.launch:pretrain",
+    "finetune": "training.recipes.launch:finetune",
+    "eval": "training.evaluation.evaluate:main",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"reference": "training.reference.greedy", "features": "training.recipes.features",
-                "pretrain": "training.recipes.launch:pretrain_main", "finetune": "training.recipes.launch:finetune_main",
-                "eval": "training.evaluation.evaluate"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nmullama-train: error: unknown command {argv[0]!r}; choose from {', '.join(commands)}",
-                  file=sys.stderr)
-            return 2
-        return 0 if argv else 2
-    from importlib import import_module
-
-    module, _, func = commands[argv[0]].partition(":")
-    return getattr(import_module(module), func or "main")(argv[1:])
+    """The ``mullama-train`` console script (also ``python -m training``)."""
+    return dispatch(PROG, __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

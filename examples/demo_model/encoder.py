@@ -13,7 +13,7 @@ filterbank: back-propagating through it on raw 24 kHz audio costs ~2 s per step 
 20-minute rebuild budget cannot pay, while its output for every clip can be computed once and cached.
 Tempo gets frame-level help: a linear head on the last layer's states predicts, frame by frame, where
 notes start (the data's ``onsets``, a Gaussian bump of 1 frame per onset). Tempo classes are defined by how
-often notes start (:func:`examples.demo_model.data.excerpt_beat`), and a feature that fires on onsets makes that
+often notes start (:func:`examples.demo_model.scores.excerpt_beat`), and a feature that fires on onsets makes that
 rate a plain time-average - the thing the adapter reads. Measured on the 98 held-out clips (single runs,
 tempo head on the state means, chance 33 %): 800 steps without the onset head 44 %, with it 48 %; 2400
 steps with it 54 % (family 78 %). The onset loss itself falls only from 0.23 (predicting the mean) to
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from examples.demo_model.data import TEMPO_CLASSES
+from examples.demo_model.facts import TEMPO_CLASSES
 from mullama_sdk.constants import SAMPLE_RATE_HZ
-from training.recipes.stages import WarmupCosine
+from training.recipes.schedule import WarmupCosine
 from training.reference.mert import (
     MertEncoder,
     hubert_config_from_mert,

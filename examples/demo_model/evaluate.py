@@ -6,8 +6,8 @@ Runs the SDK exactly as a user would (ONNX Runtime encoder, llama.cpp with the m
 held-out clip of the demo data (pieces never seen in training; rendered first if ``--data`` has none):
 
 * **instrument family**: the caption for "Describe the audio" names a family when it contains one of that
-  family's words (:data:`examples.demo_model.data.FAMILIES`); the first family named counts
-  (:func:`examples.demo_model.data.first_mentioned`). Chance = 1 / number
+  family's words (:data:`examples.demo_model.facts.FAMILIES`); the first family named counts
+  (:func:`examples.demo_model.facts.first_mentioned`). Chance = 1 / number
   of families; the target is at least 3x chance.
 * **tempo**: the answer to "What is the tempo of this music?" names a tempo class (its first class word
   counts). The baseline is the majority-class guess: always answering the training split's most frequent
@@ -59,13 +59,8 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, default=6, help="print this many example captions")
     args = ap.parse_args(argv)
 
-    from examples.demo_model.data import (
-        FAMILIES,
-        TEMPO_CLASSES,
-        TEMPO_WORDS,
-        build_demo_data,
-        first_mentioned,
-    )
+    from examples.demo_model.dataset import build_demo_data
+    from examples.demo_model.facts import FAMILIES, TEMPO_CLASSES, TEMPO_WORDS, first_mentioned
     from mullama_sdk import Captioner
 
     if not (args.bundle / "mullama.json").is_file():       # before minutes of rendering

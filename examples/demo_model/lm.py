@@ -5,7 +5,7 @@ LLaMA's conventions (:func:`training.reference.tokenizer.train_llama_tokenizer`)
 training split's answers. The LM (:data:`LM_DIMS`, Meta's architecture: RMSNorm, SwiGLU, interleaved RoPE)
 is trained from scratch on every training-split question/answer pair as ``[BOS] + prompt(Q) + A + [EOS]``
 with the loss on ``A + EOS`` (MU-LLaMA's sequences), **together with the music path**: MU-LLaMA's adapter,
-prefix queries and gates (:class:`training.reference.model.MullamaModel`, :class:`training.recipes.stages.TrainForward`) on
+prefix queries and gates (:class:`training.reference.model.MullamaModel`, :class:`training.recipes.objective.TrainForward`) on
 the frozen demo encoder's cached features.
 
 Why together (the main difference from MU-LLaMA's recipe): LLaMA-2 arrives with rich representations that a
@@ -38,7 +38,9 @@ from torch import nn
 from mullama_sdk.prompt import format_prompt
 from training.recipes.data import QADataset, clip_paths, collate, encode_pairs, load_qa_json
 from training.recipes.features import FeatureCache, load_mert, update_feature_cache
-from training.recipes.stages import TrainForward, WarmupCosine, decays, saved_names
+from training.recipes.objective import TrainForward
+from training.recipes.parameters import decays, saved_names
+from training.recipes.schedule import WarmupCosine
 from training.reference.checkpoint_layout import module_to_published
 from training.reference.dims import (
     AdapterDims,

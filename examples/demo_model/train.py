@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -113,7 +112,7 @@ def run(work: Path, bundle: Path, first: str = "data", seed: int = 0, budget: Bu
         seconds[name] = time.perf_counter() - seconds[name]
 
     if stage("data"):
-        from examples.demo_model.data import build_demo_data
+        from examples.demo_model.dataset import build_demo_data
 
         shutil.rmtree(work / "data", ignore_errors=True)
         build_demo_data(work / "data", seed=seed, progress=lambda m: print("  " + m, flush=True), **budget.data)
@@ -172,7 +171,10 @@ def run(work: Path, bundle: Path, first: str = "data", seed: int = 0, budget: Bu
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    """File name -> sha256 of every file in ``folder`` (what ``--check`` compares)."""
+    from mullama_sdk.files import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _main(argv: list[str] | None = None) -> int:

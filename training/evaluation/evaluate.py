@@ -22,11 +22,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mullama_sdk.commandline import run_command
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.errors import ConfigError, MullamaError
 from training.recipes.data import QAPair, clip_paths, load_qa_json, silence
 
 log = logging.getLogger(__name__)
+
+PROG = "mullama-train eval"
 
 #: An answerer: (audio file or None for silence, question) -> answer text.
 Answerer = Callable[[Path | None, str], str]
@@ -96,7 +99,7 @@ def evaluate(records: Sequence[dict[str, Any]], *, control_seed: int = 0, bertsc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mullama-train eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="MusicQA-format eval JSON")
     p.add_argument("--audio-dir", type=Path, help="folder audio_name is relative to (default: the JSON's folder)")
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mullama-train eval``: errors raised here are reported by :mod:`mullama_sdk.commandline`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 records = generate_answers(pairs, audio_dir, bundle_answerer(cap, **kw), progress=not args.no_progress)
             source = f"bundle {args.bundle}"
         else:
-            from training.reference.loading import load_reference
+            from training.reference.build import load_reference
 
             model = load_reference(args.checkpoint, args.llama_dir, args.mert_dir, trust_pickle=args.trust_checkpoint)
             records = generate_answers(pairs, audio_dir, reference_answerer(model, **kw), progress=not args.no_progress)
@@ -153,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         gen_s = time.perf_counter() - t0
         report = evaluate(records, control_seed=args.control_seed, bertscore_model=args.bertscore_model,
                           bertscore_layers=args.bertscore_layers)
-    except (MullamaError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except MullamaError:
+        raise
+    except ValueError as e:  # bad generation settings or a malformed file: a usage error, not a bug
+        raise ConfigError(str(e)) from e
     report.update({"data": str(args.data), "answers_from": source, "generation": kw,
                    "generation_seconds": round(gen_s, 2)})
     from training.evaluation.metrics import format_report
@@ -173,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(PROG, main, sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Caption / answer metrics in two labelled modes, kept apart (spec section 6).
+"""Caption / answer metrics in two labelled modes, kept apart (docs/model.md section 6).
 
 ``compat`` follows the conventions of the scorer behind MU-LLaMA's published numbers:
 

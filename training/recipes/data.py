@@ -1,6 +1,6 @@
 """MusicQA-format training data: question/answer pairs about clips, tokenised the way MU-LLaMA trains.
 
-The JSON file is a list of items (spec section 5)::
+The JSON file is a list of items (docs/model.md section 5)::
 
     [{"audio_name": "x.wav",
       "conversation": [{"from": "human", "value": Q}, {"from": "gpt", "value": A}, ...]}]
@@ -8,7 +8,7 @@ The JSON file is a list of items (spec section 5)::
 ``audio_name`` is relative to an audio folder. An item without one (missing, ``null`` or ``""``) is
 text-only: it is paired with one second of silence, as the published recipe does. Every
 human -> gpt turn of a conversation becomes one example with the single-instruction prompt of
-spec section 4 (the prompt has no place for earlier turns).
+docs/model.md section 4 (the prompt has no place for earlier turns).
 
 One example is ``[BOS] + tokens(prompt(Q)) + tokens(A) + [EOS]``; its labels are the answer tokens
 and the EOS, ``-100`` (ignored) everywhere else. Examples longer than ``max_words`` tokens lose the
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Label of positions that carry no loss (torch's ``cross_entropy`` default ``ignore_index``).
 IGNORE_INDEX = -100
-#: Text-only items are paired with this much silence (spec section 5).
+#: Text-only items are paired with this much silence (docs/model.md section 5).
 SILENCE_SECONDS = 1.0
 #: Feature-cache name of the silence clip; no audio file can be called this (``<`` is not a path start).
 SILENCE_KEY = "<silence:1s>"

@@ -13,7 +13,7 @@ Building is resumable: the index is rewritten (atomically) every few seconds and
 rows are written before the index names them, and a clip is recomputed when its file's sha256 or the
 MERT fingerprint changed. A run that was killed recomputes at most the clips of its last few seconds.
 
-Difference from the published training (documented, accepted by the spec, section 5): the original
+Difference from the published training (documented, accepted by docs/model.md section 5): the original
 recomputed MERT every step with MERT left in train mode, so SpecAugment-style time masking was active
 and every step saw a differently masked clip. Cached features are computed in eval mode, without
 masking: deterministic, and the same features the runtime computes at inference.
@@ -38,9 +38,12 @@ import numpy as np
 import torch
 
 from mullama_sdk.audio import iter_windows
+from mullama_sdk.commandline import EXIT_INTERRUPTED, run_command, say_error
 from mullama_sdk.constants import MAX_WINDOW_SECONDS, SAMPLE_RATE_HZ
-from mullama_sdk.errors import ConfigError, MullamaError
+from mullama_sdk.errors import ConfigError
+from mullama_sdk.files import atomic_write_text, sha256_file
 from training.recipes.data import SILENCE_SECONDS, silence
+from training.recipes.distributed import resolve_device
 from training.reference.mert import MertEncoder
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ DATA_FILE = "features.f32"
 INDEX_FILE = "index.json"
 #: The index is rewritten at least this often while building (seconds).
 INDEX_EVERY_SECONDS = 10.0
+PROG = "mullama-train features"
 
 
 def clip_state_means(
@@ -92,14 +96,6 @@ def mert_fingerprint(mert: MertEncoder, max_window_seconds: float = MAX_WINDOW_S
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _SILENCE_SHA = f"silence:{SILENCE_SECONDS:g}s@{SAMPLE_RATE_HZ}"
@@ -175,9 +171,7 @@ def _read_index(root: Path) -> dict | None:
 
 
 def _write_index(root: Path, index: dict) -> None:
-    tmp = root / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-    tmp.replace(root / INDEX_FILE)
+    atomic_write_text(root / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True))
 
 
 def update_feature_cache(
@@ -221,7 +215,7 @@ def update_feature_cache(
     entries: dict[str, dict] = index["clips"]
     todo: list[tuple[str, Path | None, str]] = []
     for name, path in clips.items():
-        sha = _SILENCE_SHA if path is None else file_sha256(path)
+        sha = _SILENCE_SHA if path is None else sha256_file(path)
         old = entries.get(name)
         if old is None or old.get("sha256") != sha or old.get("mert") != fingerprint:
             todo.append((name, path, sha))
@@ -269,7 +263,7 @@ def update_feature_cache(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mullama-train features",
+    p = argparse.ArgumentParser(prog=PROG,
                                 description="Compute (or complete) the MERT feature cache of a MusicQA-format JSON.")
     p.add_argument("--data", required=True, nargs="+", type=Path, help="MusicQA-format JSON file(s)")
     p.add_argument("--audio-dir", type=Path, help="folder the audio_name entries are relative to "
@@ -284,29 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_mert(mert_dir: Path, *, trust_pickle: bool = False) -> MertEncoder:
     """A frozen MERT from a MERT folder (config.json + weights), in eval mode."""
-    from training.reference.loading import _read_mert_weights
+    from training.reference.loading import read_mert_weights
     from training.reference.mert import hubert_config_from_mert, read_mert_folder
 
     raw, do_normalize = read_mert_folder(Path(mert_dir))
     mert = MertEncoder(hubert_config_from_mert(raw, source=str(mert_dir)), do_normalize=do_normalize)
-    mert.load_weights(_read_mert_weights(Path(mert_dir), trust_pickle))
+    mert.load_weights(read_mert_weights(Path(mert_dir), trust_pickle))
     mert.requires_grad_(False)
     return mert.eval()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use cpu")
-    return dev
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``mullama-train features``: errors raised here are reported by :mod:`mullama_sdk.commandline`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from training.recipes.data import clip_paths, load_qa_json
@@ -315,18 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         clips: dict[str, Path | None] = {}
         for data in args.data:
             clips.update(clip_paths(load_qa_json(data), args.audio_dir or data.parent))
-        mert = load_mert(args.mert_dir).to(resolve_device(args.device))
+        mert = load_mert(args.mert_dir).to(resolve_device(args.device, setting="--device"))
         report = update_feature_cache(args.out, mert, clips, max_window_seconds=args.max_window_seconds,
                                       progress=not args.no_progress)
-    except MullamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted: the cache keeps what was computed; run the same command to continue", file=sys.stderr)
-        return 130
+        say_error(PROG, "interrupted: the cache keeps what was computed; run the same command to continue")
+        return EXIT_INTERRUPTED
     print(f"{args.out}: {report}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(PROG, main, sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 Overrides use the config's dotted keys, e.g. ``train.max_steps=100 optim.lr=3e-4 resume=auto``.
 On several GPUs: ``torchrun --nproc_per_node N -m training pretrain --config CFG`` (rank 0 logs and
-writes checkpoints).
+writes checkpoints). Errors are reported by :mod:`mullama_sdk.commandline` (``mullama-train``).
 """
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
-
-from mullama_sdk.errors import MullamaError
 
 
 def build_parser(stage: str) -> argparse.ArgumentParser:
@@ -29,7 +26,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     return p
 
 
-def run(stage: str, argv: list[str] | None = None) -> int:
+def run_stage(stage: str, argv: list[str]) -> int:
+    """Parse ``argv``, load the config (with overrides) and run the stage's recipe to the end."""
     args = build_parser(stage).parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if args.quiet or rank != 0 else logging.INFO
@@ -37,22 +35,20 @@ def run(stage: str, argv: list[str] | None = None) -> int:
     from training.recipes.config import load_recipe_config
     from training.recipes.stages import RECIPES
 
-    try:
-        cfg = load_recipe_config(args.config, args.overrides, stage=stage)
-        with RECIPES[stage](cfg, progress=not args.no_progress) as recipe:
-            recipe.setup()
-            summary = recipe.train()
-    except MullamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_recipe_config(args.config, args.overrides, stage=stage)
+    with RECIPES[stage](cfg, progress=not args.no_progress) as recipe:
+        recipe.setup()
+        summary = recipe.train()
     if rank == 0:
         print(f"{stage}: {summary.steps} steps, final loss {summary.losses[-1]:.4f}, checkpoint {summary.checkpoint}")
     return 0
 
 
-def pretrain_main(argv: list[str] | None = None) -> int:
-    return run("pretrain", argv)
+def pretrain(argv: list[str]) -> int:
+    """``mullama-train pretrain``."""
+    return run_stage("pretrain", argv)
 
 
-def finetune_main(argv: list[str] | None = None) -> int:
-    return run("finetune", argv)
+def finetune(argv: list[str]) -> int:
+    """``mullama-train finetune``."""
+    return run_stage("finetune", argv)

@@ -1,4 +1,4 @@
-"""The music adapter: MERT state means -> music query ``a`` (spec section 1)."""
+"""The music adapter: MERT state means -> music query ``a`` (docs/model.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""``python -m training.reference.greedy``: greedy MU-LLaMA output from the torch reference, as JSON.
+"""``mullama-train reference``: greedy MU-LLaMA output from the torch reference, as JSON.
 
-This is the yardstick every later stage (ONNX, llama.cpp, the SDK) is compared with.
+This is the yardstick every later stage (ONNX, llama.cpp, the SDK) is compared with. Also runs as
+``python -m training.reference.greedy`` (same arguments, same error convention).
 
-    python -m training.reference.greedy --checkpoint CKPT --llama-dir DIR --mert-dir DIR --audio FILE \\
+    mullama-train reference --checkpoint CKPT --llama-dir DIR --mert-dir DIR --audio FILE \\
         [--question Q] [--max-new-tokens N] [--json]
 """
 
@@ -15,15 +16,17 @@ import sys
 import time
 from pathlib import Path
 
+from mullama_sdk.commandline import run_command
 from mullama_sdk.constants import DEFAULT_MAX_NEW_TOKENS
-from mullama_sdk.errors import MullamaError
+from mullama_sdk.errors import ConfigError, MullamaError
 from mullama_sdk.prompt import DEFAULT_QUESTION
 
+PROG = "mullama-train reference"
 _DTYPES = ("float32", "bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.reference.greedy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="MU-LLaMA checkpoint.pth or our checkpoint")
     p.add_argument("--llama-dir", required=True, type=Path,
                    help="Meta LLaMA model folder (params.json, consolidated.*.pth; tokenizer.model there or "
@@ -42,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mullama-train reference``: errors raised here are reported by :mod:`mullama_sdk.commandline`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from training.reference.loading import load_reference
+    from training.reference.build import load_reference
 
     try:
         t0 = time.perf_counter()
@@ -70,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 }, ensure_ascii=False))
             else:
                 print(f"{audio}: {gen.text}")
-    except (MullamaError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except MullamaError:
+        raise
+    except ValueError as e:  # bad generation settings (e.g. --max-new-tokens -1): a usage error, not a bug
+        raise ConfigError(str(e)) from e
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(PROG, main, sys.argv[1:]))

@@ -1,7 +1,7 @@
 """LLaMA in Meta's layout with MU-LLaMA's trained deltas and its gated music injection.
 
 Parameter names follow the published checkpoint (``layers.N.attention.wq.bias``,
-``lora_wq_l1`` ...), so a checkpoint loads without a renaming table. The injection (spec section 1):
+``lora_wq_l1`` ...), so a checkpoint loads without a renaming table. The injection (docs/model.md section 1):
 in each injected layer, the adapter tokens ``p_l + a`` go through the layer's *base* value (and, for
 more than one adapter token, key) weights, and the gated result is added to every position's
 attention-head output before ``wo``.
@@ -91,7 +91,7 @@ class Attention(_DeltaProjections):
             q: Rotated queries ``(batch, heads, seq, head_dim)``; needed only when query_len > 1.
         """
         n_kv = self.p.kv_heads
-        # Base weights only: the trained LoRA and biases belong to the text path (spec section 2).
+        # Base weights only: the trained LoRA and biases belong to the text path (docs/model.md section 2).
         v_a = self._repeat_kv(self._heads(F.linear(adapter, self.wv.weight), n_kv)).transpose(1, 2)
         gate = torch.tanh(self.gate.float()).type_as(v_a)
         if adapter.shape[1] == 1:

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from mullama_sdk.audio import load_audio, window_bounds
-from mullama_sdk.constants import MAX_WINDOW_SECONDS, MIN_WINDOW_SAMPLES, SAMPLE_RATE_HZ
+from mullama_sdk.constants import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_WINDOW_SECONDS,
+    MIN_WINDOW_SAMPLES,
+    SAMPLE_RATE_HZ,
+)
 from mullama_sdk.sampling import Sampler
 from training.reference.adapter import MusicAdapter
 from training.reference.dims import MullamaConfig
@@ -29,9 +36,9 @@ class Generation:
 
 
 class MullamaModel(nn.Module):
-    """MERT + music adapter + prefix queries + LLaMA with deltas (spec sections 1-2).
+    """MERT + music adapter + prefix queries + LLaMA with deltas (docs/model.md sections 1-2).
 
-    Build it through :func:`training.reference.loading.load_reference`; the constructor only allocates.
+    Build it through :func:`training.reference.build.load_reference`; the constructor only allocates.
     """
 
     def __init__(self, config: MullamaConfig) -> None:
@@ -113,9 +120,9 @@ class MullamaModel(nn.Module):
         question: str | None = None,
         *,
         sample_rate: int | None = None,
-        max_new_tokens: int = 512,
-        temperature: float = 0.6,
-        top_p: float = 0.8,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
         max_window_seconds: float = MAX_WINDOW_SECONDS,
     ) -> Generation:
@@ -124,7 +131,7 @@ class MullamaModel(nn.Module):
         Greedy when ``temperature`` is 0. Stops at EOS or after ``max_new_tokens``.
         """
         if self.tokenizer is None:
-            raise RuntimeError("no tokenizer attached; build the model with training.reference.loading.load_reference")
+            raise RuntimeError("no tokenizer attached; build the model with training.reference.build.load_reference")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         sampler = Sampler(temperature, top_p, seed)

@@ -38,7 +38,7 @@ class Tokenizer:
         return list(self.sp.EncodeAsIds(text))
 
     def encode_prompt(self, question: str | None = None) -> list[int]:
-        """``[BOS] + SentencePiece(prompt)``, exactly as the spec's section 4 builds it."""
+        """``[BOS] + SentencePiece(prompt)``, exactly as docs/model.md section 4 builds it."""
         return [self.bos_id, *self.encode(format_prompt(question))]
 
     def decode(self, ids: list[int]) -> str:
@@ -49,7 +49,7 @@ def train_llama_tokenizer(lines: Iterable[str], vocab_size: int, *, hard_vocab_l
     """Train a BPE SentencePiece model with LLaMA's conventions; returns the ``tokenizer.model`` bytes.
 
     Identity normalisation, kept whitespace and byte fallback are what make SentencePiece and llama.cpp
-    tokenize the prompt the same way (spec section 2); ids 0/1/2 are unk/BOS/EOS as in LLaMA. One thread
+    tokenize the prompt the same way (docs/model.md section 2); ids 0/1/2 are unk/BOS/EOS as in LLaMA. One thread
     and unshuffled input keep the output byte-identical across runs. ``lines`` must not contain newlines
     (a newline is never a character piece; it is encoded as the byte piece ``<0x0A>``). With
     ``hard_vocab_limit=False``, ``vocab_size`` is an upper bound: a small corpus gets fewer pieces.
