@@ -7,7 +7,7 @@ on first use, so ``from mullama_sdk import Captioner`` pulls in ONNX Runtime and
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AudioError,
@@ -39,6 +39,13 @@ __all__ = [
     "OptionError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    # What the lazy names below really are, for type checkers and IDEs (at run time they load on first use;
+    # without these lines `from mullama_sdk import Captioner` is typed Any and py.typed would promise nothing).
+    from .captioner import Captioner
+    from .options import GenerationOptions
+    from .results import Caption, MusicVectors, Segment, Timings
 
 # Public names served lazily (PEP 562): name -> module that defines it, so that importing the
 # package (e.g. for its errors) does not load ONNX Runtime or llama.cpp.

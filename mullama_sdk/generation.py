@@ -85,7 +85,7 @@ class Decoder:
         self._ctx = LlamaContext(model, hook, n_ctx=n_ctx, n_threads=n_threads, exact=exact)
         self._batch_ctx: LlamaContext | None = None
         self._active_ctx: LlamaContext | None = None  # the context decoding now, for abort()
-        self._kv_key: int | None = None  # which clip the single-sequence KV cache holds
+        self._kv_key: str | None = None  # MusicVectors.key of the clip the single-sequence KV cache holds
         self._kv_tokens: list[int] = []
 
     @property
@@ -162,7 +162,7 @@ class Decoder:
         finally:
             self._active_ctx = None
 
-    def _reusable_prefix(self, key: int, prompt: list[int]) -> int:
+    def _reusable_prefix(self, key: str, prompt: list[int]) -> int:
         """How many leading prompt tokens the KV cache already holds for this very clip (exact reuse)."""
         if self._kv_key != key:
             self._forget_kv()

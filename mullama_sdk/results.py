@@ -8,13 +8,10 @@ application can import and type against them without loading ONNX Runtime or lla
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-
-# Each MusicVectors gets its own number: the KV cache is reused only for the very same clip.
-_keys = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -77,4 +74,18 @@ class MusicVectors:
     adapter_ms: float
     window_bounds_s: tuple[tuple[float, float], ...] = ()
     window_means: tuple[tuple[np.ndarray, int], ...] = field(default=(), repr=False)
-    key: int = field(default_factory=lambda: next(_keys))
+
+    @property
+    def key(self) -> str:
+        """A digest of what the LLM sees of this clip (the injection vectors, their shape and dtype).
+
+        The KV cache of a prompt is reused only for vectors with the same key, so reuse can never cross
+        clips: not between processes (a pickled encoding), not between Captioners, not after a counter
+        restarts. Computed from the arrays on every call (about 0.1 ms for LLaMA-7B's 20 x 4096
+        floats), never stored, so an unpickled or edited object cannot carry a stale key.
+        """
+        injection = np.ascontiguousarray(self.injection)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{injection.dtype.str}{injection.shape}".encode())
+        h.update(injection.data)
+        return h.hexdigest()
