@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 #: Read size of :func:`sha256_file` (4 MiB: large enough for GGUFs, small enough to bound memory).
 HASH_CHUNK = 1 << 22
@@ -28,11 +26,6 @@ def sha256_file(path: str | os.PathLike[str], *, chunk: int = HASH_CHUNK) -> str
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes in memory."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @contextlib.contextmanager
@@ -68,8 +61,3 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
-    """Write ``obj`` as JSON (UTF-8, a trailing newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")

@@ -122,7 +122,8 @@ class Decoder:
                 return Decoded(tuple(prompt), (), "cancelled")
             self._hook.set_clip_vectors(0, (self._layers, clip.injection))
             self._hook.use_single_clip(0)
-            keep = self._reusable_prefix(clip.key, prompt)
+            key = clip.key  # a digest of the vectors: computed once per call
+            keep = self._reusable_prefix(key, prompt)
             t0 = time.perf_counter()
             try:
                 logits = ctx.decode(prompt[keep:], range(keep, len(prompt)), [0] * (len(prompt) - keep),
@@ -130,7 +131,7 @@ class Decoder:
             except InterruptedError:
                 self._forget_kv()
                 return Decoded(tuple(prompt), (), "cancelled")
-            self._kv_key, self._kv_tokens = clip.key, list(prompt)
+            self._kv_key, self._kv_tokens = key, list(prompt)
             t1 = time.perf_counter()
             prefill_ms = 1000 * (t1 - t0)
             pos = len(prompt)

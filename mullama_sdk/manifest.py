@@ -18,7 +18,7 @@ from typing import Any
 from mullama_sdk.constants import SAMPLE_RATE_HZ
 from mullama_sdk.cpu import INT8_SCHEME, INT8_SCHEMES, INT8_WEIGHT_LIMIT, LEGACY_INT8_SCHEME
 from mullama_sdk.errors import BundleError
-from mullama_sdk.files import atomic_path, sha256_file
+from mullama_sdk.files import atomic_write_text, sha256_file
 from mullama_sdk.manifest_fields import need_field, optional_field
 from mullama_sdk.manifest_trt import TrtEngines, parse_trt_section
 
@@ -311,8 +311,7 @@ def write_manifest(folder: Path, raw: dict[str, Any], *, where: str = "new manif
     if not atomic:
         path.write_text(manifest_text(raw), encoding="utf-8")
         return manifest
-    with atomic_path(path) as tmp:
-        tmp.write_text(manifest_text(raw), encoding="utf-8")
+    atomic_write_text(path, manifest_text(raw))
     return manifest
 
 

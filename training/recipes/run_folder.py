@@ -46,7 +46,6 @@ def point_last(path: Path) -> None:
     link = path.with_name(LAST_LINK)
     try:
         with atomic_path(link) as tmp:
-            tmp.unlink(missing_ok=True)  # a symlink cannot be created over an existing name
             os.symlink(path.name, tmp)
     except OSError as e:
         log.warning("could not point %s at %s: %s", link, path.name, e)
